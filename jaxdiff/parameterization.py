@@ -1,0 +1,144 @@
+"""What a network predicts, and how its output becomes the one denoiser interface.
+
+For ``x_t = alpha x0 + sigma eps`` the targets are related exactly:
+
+* ``epsilon``  -- eps (Ho et al. 2020);
+* ``sample``   -- x0;
+* ``v_prediction`` -- v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4);
+* ``score``    -- grad log p_t(x_t) = -eps / sigma (Song et al. 2021);
+* ``velocity`` -- u = dx_t/dt = alpha'(t) x0 + sigma'(t) eps (flow matching; for the linear
+  interpolant u = eps - x0);
+* ``edm``      -- EDM preconditioning (Karras et al. 2022, Table 1): the network F sees
+  ``c_in(s) x/alpha`` and ``c_noise(s)`` with s = sigma/alpha, and
+  ``D = c_skip(s) x/alpha + c_out(s) F``.
+
+:func:`to_x0` / :func:`from_x0` convert between any target and x0 (and hence between any two
+targets); :func:`make_denoiser` wraps a raw network ``net(x, t_net) -> output`` into
+``denoise(x, t) -> x0_hat``, the only model interface samplers and guidance see.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from jaxdiff.processes import Process
+
+__all__ = [
+    "PREDICTIONS",
+    "to_x0",
+    "from_x0",
+    "convert",
+    "edm_precond",
+    "net_inputs",
+    "make_denoiser",
+    "Denoiser",
+]
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "score", "velocity", "edm")
+
+Denoiser = Callable  # denoise(x, t) -> x0_hat, t a scalar or shape (batch,)
+
+
+def _bcast(c, x):
+    """Broadcast a scalar or per-example (B,) coefficient against x (B, ...)."""
+    c = jnp.asarray(c, jnp.float32)
+    if c.ndim == 0:
+        return c
+    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def _check(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+
+
+def to_x0(prediction: str, out, x, t, process: Process):
+    """x0 implied by a network output ``out`` of type ``prediction`` at (x, t)."""
+    _check(prediction)
+    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    if prediction == "sample" or prediction == "edm":
+        return out
+    if prediction == "epsilon":
+        return (x - s * out) / a
+    if prediction == "v_prediction":
+        # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2); the denominator is 1 for VP.
+        return (a * x - s * out) / (a**2 + s**2)
+    if prediction == "score":
+        return (x + s**2 * out) / a
+    # velocity: x = a x0 + s eps, u = a' x0 + s' eps  =>  x0 = (s u - s' x) / (a' s - a s').
+    da, ds = process.derivatives(t)
+    da, ds = _bcast(da, x), _bcast(ds, x)
+    return (s * out - ds * x) / (da * s - a * ds)
+
+
+def from_x0(prediction: str, x0, x, t, process: Process):
+    """The target of type ``prediction`` implied by x0 at (x, t)."""
+    _check(prediction)
+    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    if prediction == "sample" or prediction == "edm":
+        return x0
+    eps = (x - a * x0) / s
+    if prediction == "epsilon":
+        return eps
+    if prediction == "v_prediction":
+        return a * eps - s * x0
+    if prediction == "score":
+        return -eps / s
+    da, ds = process.derivatives(t)
+    return _bcast(da, x) * x0 + _bcast(ds, x) * eps
+
+
+def convert(out, x, t, process: Process, src: str, dst: str):
+    """Convert a prediction of type ``src`` to type ``dst`` at (x, t)."""
+    if src == dst:
+        return out
+    return from_x0(dst, to_x0(src, out, x, t, process), x, t, process)
+
+
+def edm_precond(sigma, sigma_data: float = 0.5):
+    """EDM preconditioning coefficients (Karras et al. 2022, Table 1, "Ours").
+
+    Returns (c_skip, c_out, c_in, c_noise) for VE-frame noise level ``sigma``.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sd2)
+    c_in = 1.0 / jnp.sqrt(sigma**2 + sd2)
+    c_noise = 0.25 * jnp.log(sigma)
+    return c_skip, c_out, c_in, c_noise
+
+
+def net_inputs(prediction: str, x, t, process: Process, sigma_data: float = 0.5):
+    """What the network is fed at (x, t): ``(x_in, t_in)``, t_in of shape (batch,)."""
+    batch = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+    if prediction == "edm":
+        a = process.alpha(t)
+        s = process.sigma(t) / a
+        _, _, c_in, c_noise = edm_precond(s, sigma_data)
+        return _bcast(c_in / a, x) * x, c_noise
+    return x, process.net_time(t)
+
+
+def make_denoiser(net: Callable, process: Process, prediction: str, sigma_data: float = 0.5) -> Denoiser:
+    """Wrap ``net(x_in, t_in) -> output`` into ``denoise(x, t) -> x0_hat``.
+
+    ``net`` is typically ``lambda x, t: model.apply(params, x, t, y)``; ``t`` passed to the
+    denoiser is the process time (scalar or (batch,)).
+    """
+    _check(prediction)
+
+    def denoise(x, t):
+        x_in, t_in = net_inputs(prediction, x, t, process, sigma_data)
+        out = net(x_in, t_in).astype(x.dtype)
+        if prediction == "edm":
+            tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+            a = process.alpha(tb)
+            c_skip, c_out, _, _ = edm_precond(process.sigma(tb) / a, sigma_data)
+            return _bcast(c_skip / a, x) * x + _bcast(c_out, x) * out
+        return to_x0(prediction, out, x, t, process)
+
+    return denoise

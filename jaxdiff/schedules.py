@@ -1,0 +1,190 @@
+"""Sampling time grids.
+
+A :class:`Grid` is the list of points a sampler visits, from noise to data: times ``t`` and the
+process coefficients ``alpha``, ``sigma`` at those times, ``N + 1`` points for ``N`` steps. The
+last point may lie past the process's domain at ``sigma = 0, alpha = 1`` (the clean data),
+which is where diffusers' ``final_sigmas_type="zero"`` / ``set_alpha_to_one=True`` and
+k-diffusion's appended zero sigma end. The grid also carries its process (a static pytree field)
+so that samplers needing intermediate times (Heun with churn, DPM-Solver-2 midpoints) can map a
+noise level back to a time.
+
+Grid builders:
+
+* :func:`discrete_timesteps` -- diffusers' ``linspace`` / ``leading`` / ``trailing`` integer
+  timesteps (Lin et al. 2024, Table 2).
+* :func:`karras_sigmas` -- Karras et al. 2022, Eq. 5 (rho = 7).
+* :func:`logsnr_uniform_times` -- uniform in log-SNR (DPM-Solver's ``logSNR`` skip type).
+* :func:`uniform_times` -- uniform in t.
+* :func:`grid_from_times`, :func:`grid_from_sigmas` -- turn times or VE-frame sigmas into a Grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.processes import Process
+
+__all__ = [
+    "Grid",
+    "TIMESTEP_SPACINGS",
+    "discrete_timesteps",
+    "karras_sigmas",
+    "logsnr_uniform_times",
+    "uniform_times",
+    "grid_from_times",
+    "grid_from_sigmas",
+    "make_grid",
+    "GRID_KINDS",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Points ``t[0] > t[1] > ... > t[N]`` with ``alpha``, ``sigma`` at each (float32 arrays)."""
+
+    t: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+    process: Process
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.t.shape[0]) - 1
+
+    @property
+    def sigma_ratio(self):
+        """sigma / alpha: the noise level in the variance-exploding frame (k-diffusion's sigma)."""
+        return self.sigma / self.alpha
+
+    def prior_sample(self, key, shape, dtype=jnp.float32):
+        """x at the first grid point for pure-noise start: sigma[0] * N(0, I)."""
+        return (self.sigma[0] * jax.random.normal(key, shape)).astype(dtype)
+
+
+jax.tree_util.register_dataclass(Grid, data_fields=["t", "alpha", "sigma"], meta_fields=["process"])
+
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def discrete_timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: str = "linspace", steps_offset: int = 0
+) -> np.ndarray:
+    """diffusers' integer timesteps, decreasing (``DDIMScheduler.set_timesteps`` and friends)."""
+    n, k = int(num_train_timesteps), int(num_steps)
+    if not 1 <= k <= n:
+        raise ValueError(f"num_steps must be in [1, {n}], got {k}")
+    if spacing == "linspace":
+        ts = np.linspace(0, n - 1, k).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ratio = n // k
+        ts = (np.arange(0, k) * ratio).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ratio = n / k
+        ts = np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+    return ts
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
+
+    Returns ``num_steps`` decreasing sigmas (no trailing zero; :func:`grid_from_sigmas` adds it).
+    """
+    ramp = np.linspace(0, 1, int(num_steps))
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def uniform_times(process: Process, num_steps: int, t_end: float | None = None) -> np.ndarray:
+    """``num_steps + 1`` times uniform in t from ``t_max`` to ``t_end`` (default ``t_min``)."""
+    t_end = process.t_min if t_end is None else t_end
+    return np.linspace(process.t_max, t_end, int(num_steps) + 1)
+
+
+def logsnr_uniform_times(process: Process, num_steps: int, t_end: float | None = None) -> np.ndarray:
+    """``num_steps + 1`` times uniform in log-SNR between ``t_max`` and ``t_end`` (Lu et al. 2022)."""
+    t_end = process.t_min if t_end is None else t_end
+    l0, l1 = float(process.logsnr(process.t_max)), float(process.logsnr(t_end))
+    return np.asarray(process.t_from_logsnr(jnp.linspace(l0, l1, int(num_steps) + 1)))
+
+
+def _append_zero(t, alpha, sigma):
+    return (
+        jnp.concatenate([t, jnp.zeros((1,), t.dtype)]),
+        jnp.concatenate([alpha, jnp.ones((1,), alpha.dtype)]),
+        jnp.concatenate([sigma, jnp.zeros((1,), sigma.dtype)]),
+    )
+
+
+def grid_from_times(process: Process, times, final: str = "zero") -> Grid:
+    """A Grid visiting ``times`` (decreasing).
+
+    ``final="zero"`` appends the clean point (alpha 1, sigma 0) after the last time, so ``N``
+    times give ``N`` steps; ``final="last"`` ends at the last time (``N - 1`` steps).
+    """
+    t = jnp.asarray(np.asarray(times, np.float64), jnp.float32)
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    if final == "zero":
+        t, alpha, sigma = _append_zero(t, alpha, sigma)
+    elif final != "last":
+        raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
+    return Grid(t=t, alpha=alpha.astype(jnp.float32), sigma=sigma.astype(jnp.float32), process=process)
+
+
+def grid_from_sigmas(process: Process, sigmas, final: str = "zero") -> Grid:
+    """A Grid at the VE-frame noise levels ``sigmas`` = sigma/alpha (decreasing), e.g. Karras sigmas."""
+    s = jnp.asarray(np.asarray(sigmas, np.float64), jnp.float32)
+    t = process.t_from_sigma_ratio(s)
+    # alpha, sigma from the requested ratio itself (exact), not from the rounded time.
+    alpha = 1.0 / jnp.sqrt(1.0 + s**2) if _is_vp(process) else process.alpha(t)
+    sigma = s * alpha
+    if final == "zero":
+        t, alpha, sigma = _append_zero(t, alpha, sigma)
+    return Grid(t=t, alpha=alpha, sigma=sigma, process=process)
+
+
+def _is_vp(process: Process) -> bool:
+    from jaxdiff.processes import DiscreteVP, VPCosine, VPLinear
+
+    return isinstance(process, (DiscreteVP, VPLinear, VPCosine))
+
+
+GRID_KINDS = ("linspace", "leading", "trailing", "karras", "uniform", "logsnr")
+
+
+def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho: float = 7.0,
+              sigma_min: float | None = None, sigma_max: float | None = None) -> Grid:
+    """The usual grid for a process: ``num_steps`` model evaluations ending at clean data.
+
+    Defaults: discrete VP -> diffusers ``linspace`` timesteps; EDM -> Karras rho = 7;
+    others -> uniform in t ending at ``t_min``.
+    """
+    if kind is None:
+        kind = "linspace" if process.discrete else ("karras" if _has_sigma_range(process) else "uniform")
+    if kind in TIMESTEP_SPACINGS:
+        if not process.discrete:
+            raise ValueError(f"grid kind {kind!r} needs a discrete process, got {type(process).__name__}")
+        return grid_from_times(process, discrete_timesteps(process.num_train_timesteps, num_steps, kind))
+    if kind == "karras":
+        smin = sigma_min if sigma_min is not None else float(process.sigma_ratio(process.t_min))
+        smax = sigma_max if sigma_max is not None else float(process.sigma_ratio(process.t_max))
+        return grid_from_sigmas(process, karras_sigmas(num_steps, smin, smax, rho))
+    if kind in ("uniform", "logsnr"):
+        # Evaluate the model at N times ending at t_min, then step to clean data; if t_min is
+        # already clean (flows: sigma(t_min) = 0), use N + 1 points and drop the last.
+        clean_end = float(process.sigma(process.t_min)) == 0.0
+        n = num_steps + 1 if clean_end else num_steps
+        fn = uniform_times if kind == "uniform" else logsnr_uniform_times
+        times = fn(process, n - 1)
+        return grid_from_times(process, times[:-1] if clean_end else times)
+    raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
+
+
+def _has_sigma_range(process: Process) -> bool:
+    return hasattr(process, "sigma_max") and hasattr(process, "sigma_min")
