@@ -59,6 +59,7 @@ class Process:
     t_min: float
     t_max: float
     discrete: bool = False
+    ode_frame: str = "sigma_ratio"  # the frame Heun-type solvers integrate in ("time" for flows)
 
     def alpha(self, t):
         raise NotImplementedError
@@ -358,6 +359,7 @@ class RectifiedFlow(Process):
 
     t_min: float = 0.0
     t_max: float = 1.0
+    ode_frame = "time"
 
     def alpha(self, t):
         return 1.0 - jnp.asarray(t, jnp.float32)

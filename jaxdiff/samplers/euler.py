@@ -1,11 +1,15 @@
-"""Euler and Heun on the probability-flow ODE in the variance-exploding frame.
+"""Euler and Heun on the probability-flow ODE.
 
-With x~ = x / alpha and s = sigma / alpha the PF-ODE is dx~/ds = (x~ - D(x~, s)) / s
-(Karras et al. 2022, Eq. 4 with the scaling removed). Both samplers take EDM's stochastic
-"churn" (Algorithm 2, lines 4-6): S_churn, S_tmin, S_tmax, S_noise; with S_churn = 0 (the
-default) they are deterministic. :func:`euler` matches k-diffusion's ``sample_euler`` and
-diffusers' ``EulerDiscreteScheduler``; :func:`heun` is EDM's Algorithm 2 (k-diffusion's
-``sample_heun``), with an Euler step into sigma = 0.
+Euler is written in (alpha, sigma) coordinates, x_next = alpha' x0_hat + sigma' eps_hat, which is
+the same step as Euler in the variance-exploding frame (x~ = x / alpha, s = sigma / alpha,
+dx~/ds = (x~ - D) / s; Karras et al. 2022 Eq. 4), as DDIM, and as Euler in t for the linear
+interpolant -- and stays finite where alpha = 0 (flows at t = 1, zero-terminal SNR).
+
+Heun integrates in the frame the process declares (``process.ode_frame``): ``"sigma_ratio"``
+(the VE frame; EDM Algorithm 2, k-diffusion ``sample_heun``, diffusers ``HeunDiscreteScheduler``)
+or ``"time"`` (dx/dt = alpha'(t) x0 + sigma'(t) eps; diffusers ``FlowMatchHeunDiscreteScheduler``
+for rectified flow). Both take EDM's stochastic "churn" (Algorithm 2, lines 4-6) in the VE frame;
+with S_churn = 0 (the default) they are deterministic.
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ def euler(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0
     dtype, n = x.dtype, grid.num_steps
 
     def step(x, s):
-        sigma, sigma_next = s.sigma / s.alpha, s.sigma_next / s.alpha_next
-        xt = x.astype(jnp.float32) / s.alpha
-        xt, sigma_hat, t_hat, alpha_hat = _churn(xt, s, sigma, n, s_churn, s_tmin, s_tmax, s_noise, grid)
-        d = (xt - denoise((alpha_hat * xt).astype(dtype), t_hat)) / sigma_hat
-        xt = xt + (sigma_next - sigma_hat) * d
-        return (s.alpha_next * xt).astype(dtype)
+        x = x.astype(jnp.float32)
+        t, alpha, sigma = s.t, s.alpha, s.sigma
+        if s_churn != 0:
+            xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, n, s_churn, s_tmin, s_tmax,
+                                             s_noise, grid)
+            x, sigma = alpha * xt, alpha * sigma_hat
+        x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
+        eps = (x - alpha * x0) / sigma
+        return (s.alpha_next * x0 + s.sigma_next * eps).astype(dtype)
 
     return run_steps(step, x, grid, key)
 
@@ -63,6 +70,33 @@ def heun(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.
     """
     validate("heun", x, grid, key, stochastic=s_churn != 0)
     dtype, n = x.dtype, grid.num_steps
+
+    frame = getattr(grid.process, "ode_frame", "sigma_ratio")
+    if frame == "time" and s_churn != 0:
+        raise ValueError("heun: S_churn needs the sigma_ratio frame; this process integrates in time")
+
+    if frame == "time":
+        process = grid.process
+
+        def step(x, s):
+            x = x.astype(jnp.float32)
+
+            def f(x, t, alpha, sigma):
+                x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
+                da, ds = process.derivatives(t)
+                return da * x0 + ds * (x - alpha * x0) / sigma, x0
+
+            d, x0 = f(x, s.t, s.alpha, s.sigma)
+            dt = s.t_next - s.t
+            x_euler = s.alpha_next * x0 + s.sigma_next * (x - s.alpha * x0) / s.sigma
+
+            def correct(_):
+                d2, _ = f(x_euler, s.t_next, s.alpha_next, s.sigma_next)
+                return x + dt * 0.5 * (d + d2)
+
+            return jax.lax.cond(s.sigma_next == 0, lambda _: x_euler, correct, None).astype(dtype)
+
+        return run_steps(step, x, grid, key)
 
     def step(x, s):
         sigma, sigma_next = s.sigma / s.alpha, s.sigma_next / s.alpha_next
