@@ -1,0 +1,104 @@
+"""Data sources and the deterministic batch pipeline.
+
+A *source* is any object with ``__len__()`` and batched ``__getitem__(indices) -> dict`` giving
+``"image"`` (float32 in [-1, 1]) and ``"label"`` (int32). :func:`batch_iterator` turns a source
+into a resumable, multi-process, prefetched stream of batches.
+
+This package is a leaf: numpy, jax (toy2d), scikit-learn (digits, lazily) and
+tensorflow_datasets (lazily, inside :mod:`jaxdiff.data.tfds_source` functions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxdiff.data.digits import DigitsSource, load_digits
+from jaxdiff.data.pipeline import (
+    ArraySource,
+    BatchIterator,
+    Source,
+    batch_iterator,
+    global_batch_indices,
+    random_flip,
+)
+from jaxdiff.data.tfds_source import DatasetNotFoundError, TfdsSource, UnknownDatasetError
+from jaxdiff.data.toy2d import (
+    TOY2D_NAMES,
+    Toy2DSource,
+    gmm8_params,
+    sample_toy2d,
+    sample_toy2d_labeled,
+)
+
+__all__ = [
+    "ArraySource",
+    "BatchIterator",
+    "DATA_NAMES",
+    "DatasetNotFoundError",
+    "DigitsSource",
+    "Source",
+    "TOY2D_NAMES",
+    "TfdsSource",
+    "Toy2DSource",
+    "UnknownDatasetError",
+    "batch_iterator",
+    "global_batch_indices",
+    "gmm8_params",
+    "load_digits",
+    "make_source",
+    "random_flip",
+    "sample_toy2d",
+    "sample_toy2d_labeled",
+]
+
+DATA_NAMES = ("digits", "toy2d", "tfds")
+
+_MISSING = object()
+
+
+def _get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+    """Reads ``key`` from a Mapping / ml_collections ConfigDict / attribute object."""
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError, TypeError):
+        value = getattr(cfg, key, _MISSING)
+    if value is _MISSING or value is None:
+        if default is _MISSING:
+            raise KeyError(f"data config is missing required key {key!r}")
+        return default
+    return value
+
+
+def make_source(data_cfg: Any, split: str = "train"):
+    """Builds a source from a data config (Mapping or ConfigDict) with key ``name``:
+
+    * ``"digits"``: :class:`DigitsSource` (reads ``holdout_fraction`` = 0.1, ``split_seed`` = 0);
+      ``split`` in {"train", "test", "all"}.
+    * ``"toy2d"``: :class:`Toy2DSource` (reads ``toy`` = "gmm8", ``num_points`` = 65536,
+      ``seed`` = 0); ``split`` in {"train", "test"}.
+    * ``"tfds"``: :class:`TfdsSource` (reads ``tfds_name`` (required), ``data_dir`` = None,
+      ``image_key`` = "image", ``label_key`` = "label"); ``split`` is any TFDS split string.
+    """
+    name = _get(data_cfg, "name")
+    if name == "digits":
+        return DigitsSource(
+            split=split,
+            holdout_fraction=float(_get(data_cfg, "holdout_fraction", 0.1)),
+            seed=int(_get(data_cfg, "split_seed", 0)),
+        )
+    if name == "toy2d":
+        return Toy2DSource(
+            str(_get(data_cfg, "toy", "gmm8")),
+            n=int(_get(data_cfg, "num_points", 65536)),
+            seed=int(_get(data_cfg, "seed", 0)),
+            split=split,
+        )
+    if name == "tfds":
+        return TfdsSource(
+            str(_get(data_cfg, "tfds_name")),
+            split=split,
+            data_dir=_get(data_cfg, "data_dir", None),
+            image_key=str(_get(data_cfg, "image_key", "image")),
+            label_key=_get(data_cfg, "label_key", "label"),
+        )
+    raise ValueError(f"unknown data source name {name!r}; valid names: {', '.join(DATA_NAMES)}")
