@@ -1,0 +1,65 @@
+"""Glue between an experiment config, a Flax network and the math core.
+
+``config.model`` names the network (:func:`jaxdiff.nets.build`); ``config.diffusion`` names the
+process, the prediction type and the loss. These helpers turn them into the pieces the trainer
+and the samplers use: a raw ``net(x_in, t_in)`` closure and a ``denoise(x, t)`` function.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxdiff import nets
+from jaxdiff.parameterization import make_denoiser
+from jaxdiff.processes import Process, make_process
+
+__all__ = ["build_model", "build_process", "net_fn", "denoiser", "data_shape", "num_classes"]
+
+
+def build_model(config):
+    """The Flax module named by ``config.model``."""
+    return nets.build(config.model)
+
+
+def build_process(config) -> Process:
+    return make_process(config.diffusion.process)
+
+
+def data_shape(config) -> tuple[int, ...]:
+    """Shape of one example: (H, W, C) for images, (D,) for vectors."""
+    d = config.data
+    if d.get("dim"):
+        return (int(d.dim),)
+    return (int(d.image_size), int(d.image_size), int(d.channels))
+
+
+def num_classes(config) -> int:
+    return int(config.model.get("num_classes", 0) or 0)
+
+
+def net_fn(model, params, y=None, *, train: bool = False, rngs=None, channels: int | None = None):
+    """``net(x_in, t_in) -> output`` for fixed params and labels.
+
+    ``channels``: keep only the first ``channels`` output channels (DiT with learned sigma
+    outputs 2C channels; jaxdiff trains the mean part only).
+    """
+
+    def net(x, t):
+        out = model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
+        if channels is not None and out.shape[-1] != channels:
+            out = out[..., :channels]
+        return out
+
+    return net
+
+
+def denoiser(config, model, params, y=None):
+    """``denoise(x, t) -> x0_hat`` for a trained model (eval mode)."""
+    channels = data_shape(config)[-1]
+    net = net_fn(model, params, y, channels=channels)
+    d = config.diffusion
+    return make_denoiser(net, build_process(config), d.prediction, float(d.get("sigma_data", 0.5)))
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

@@ -1,0 +1,74 @@
+"""``train_step(state, batch) -> (state, metrics)``: one optimizer step of the configured loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.losses import diffusion_loss
+from jaxdiff.modeling import build_process, data_shape, net_fn, num_classes
+from jaxdiff.train.state import TrainState, ema_decay
+
+__all__ = ["ema_specs", "make_train_step", "label_dropout"]
+
+
+def ema_specs(config) -> dict:
+    """EMA copies named ``ema_0, ema_1, ...`` for ``config.ema.decays``, plus ``ema_hl`` for
+    EDM's half-life (``config.ema.half_life_images`` > 0)."""
+    e = config.ema
+    specs = {f"ema_{i}": float(d) for i, d in enumerate(e.get("decays", ()) or ())}
+    if e.get("half_life_images"):
+        specs["ema_hl"] = {"half_life_images": float(e.half_life_images), "rampup_ratio": e.get("rampup_ratio")}
+    return specs
+
+
+def label_dropout(key, y, num_classes: int, p: float):
+    """Replace each label by the null class ``num_classes`` with probability p (Ho & Salimans 2022)."""
+    if p <= 0:
+        return y
+    drop = jax.random.uniform(key, y.shape) < p
+    return jnp.where(drop, num_classes, y)
+
+
+def make_train_step(config, model, tx):
+    """The (unjitted) train step for ``config``; the loop jits it with shardings and donation."""
+    process = build_process(config)
+    d = config.diffusion
+    n_cls = num_classes(config)
+    p_drop = float(d.get("class_dropout", 0.0)) if n_cls else 0.0
+    specs = ema_specs(config)
+    batch_size = int(config.data.batch_size)
+    channels = data_shape(config)[-1]
+    loss_kwargs = dict(
+        process=process, prediction=d.prediction, weighting=d.get("weighting", "none"),
+        t_density=d.get("t_density", "default"), t_mean=d.get("t_mean"), t_std=d.get("t_std"),
+        min_snr_gamma=float(d.get("min_snr_gamma", 5.0)), p2_gamma=float(d.get("p2_gamma", 1.0)),
+        p2_k=float(d.get("p2_k", 1.0)), sigma_data=float(d.get("sigma_data", 0.5)),
+    )
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        k_drop, k_loss, k_label = jax.random.split(key, 3)
+        x0 = batch["image"]
+        y = label_dropout(k_label, batch["label"], n_cls, p_drop) if n_cls else None
+
+        def loss_fn(params):
+            net = net_fn(model, params, y, train=True, rngs={"dropout": k_drop}, channels=channels)
+            return jnp.mean(diffusion_loss(net, x0, k_loss, **loss_kwargs))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = {
+            name: jax.tree.map(
+                lambda e, p, _b=ema_decay(spec, step, batch_size): _b * e + (1.0 - _b) * p,
+                state.ema[name], params,
+            )
+            for name, spec in specs.items()
+        }
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=step, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+
+    return train_step
