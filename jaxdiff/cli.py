@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -76,6 +76,7 @@ def _sample() -> None:
 
 
 def _main(argv) -> None:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jaxdiff {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     {"train": _train, "sample": _sample}[argv[1]]()

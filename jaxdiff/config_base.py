@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = False             # random horizontal flips
     c.data.tfds_name = ""
     c.data.data_dir = ""
+    c.data.image_key = "image"
+    c.data.label_key = "label"
     c.data.toy = "gmm8"
     c.data.num_points = 65536
 

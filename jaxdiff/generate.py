@@ -44,9 +44,9 @@ def class_labels(config, num: int):
 
 
 def generate(config, model, params, num: int, key, *, sampler: str, num_steps: int, batch_size: int = 256,
-             labels=None, grid_kind=None, progress: bool = True, **options) -> np.ndarray:
+             labels=None, grid_kind=None, progress: bool = True, mesh=None, **options) -> np.ndarray:
     """``num`` samples as a numpy array, generated in batches (key of batch b: fold_in(key, b))."""
-    mesh = parallel.make_mesh()
+    mesh = mesh or parallel.make_mesh()
     n_dev = mesh.size
     batch = min(int(batch_size), num)
     batch = int(math.ceil(batch / n_dev) * n_dev)

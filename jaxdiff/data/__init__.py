@@ -97,7 +97,7 @@ def make_source(data_cfg: Any, split: str = "train"):
         return TfdsSource(
             str(_get(data_cfg, "tfds_name")),
             split=split,
-            data_dir=_get(data_cfg, "data_dir", None),
+            data_dir=_get(data_cfg, "data_dir", None) or None,
             image_key=str(_get(data_cfg, "image_key", "image")),
             label_key=_get(data_cfg, "label_key", "label"),
         )

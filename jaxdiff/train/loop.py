@@ -61,8 +61,10 @@ def _log(msg: str) -> None:
         tqdm.write(msg)
 
 
-def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = True) -> dict:
-    """Train (or resume) ``config`` in ``workdir``; returns a summary dict (also printed).
+def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = True, devices=None) -> dict:
+    """Train (or resume) ``config`` in ``workdir``; returns a summary dict.
+
+    ``devices`` (default: all) are the devices the ``config.mesh`` axes are laid over.
 
     Writes ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/`` and
     ``samples/step_<N>.png`` under ``workdir``.
@@ -71,7 +73,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
-    mesh = parallel.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
+    mesh = parallel.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)), devices)
     replicated = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     global_batch = int(config.data.batch_size)
@@ -163,7 +165,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
 
         images = generate(config, model, sampling_params(state, sc.get("params")), int(sc.num),
                           jax.random.PRNGKey(int(config.seed) + 1), sampler=sc.sampler,
-                          num_steps=int(sc.steps), progress=progress)
+                          num_steps=int(sc.steps), progress=progress, mesh=mesh)
         if jax.process_index() == 0:
             path = os.path.join(workdir, "samples", f"step_{num_steps}.png")
             summary["samples"] = save_samples(images, path, nrow=int(sc.get("nrow", 0)) or None)

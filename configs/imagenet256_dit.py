@@ -1,0 +1,58 @@
+"""DiT-XL/2 on ImageNet 256x256 in the latent space of the SD VAE, 32x32x4 (Peebles & Xie 2023):
+675M parameters, class-conditional (1000 classes + null, label dropout 0.1), linear betas
+1e-4..0.02, T = 1000, AdamW lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999,
+learned sigma output channels (jaxdiff trains the mean half).
+
+Shapes only here: jaxdiff does not ship an ImageNet latent dataset. ``data.tfds_name`` must name
+a prepared TFDS dataset of 32x32x4 latents (scaled by 0.18215) with labels."""
+
+from jaxdiff.config_base import base_config
+
+
+def get_config(variant: str = ""):
+    c = base_config()
+    c.data.name = "tfds"
+    c.data.tfds_name = "imagenet256_latents"
+    c.data.image_key = "latent"
+    c.data.image_size, c.data.channels = 32, 4
+    c.data.batch_size = 256
+    c.model.name = "dit"
+    c.model.variant = "XL/2"
+    c.model.input_size = 32
+    c.model.in_channels = 4
+    c.model.num_classes = 1000
+    c.model.learn_sigma = True
+    c.diffusion.process = {"name": "discrete_vp", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    c.diffusion.prediction = "epsilon"
+    c.diffusion.class_dropout = 0.1
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 0.0
+    c.ema.decays = (0.9999,)
+    c.train.num_steps = 400_000
+    c.train.ckpt_every = 10_000
+    c.sample.sampler = "ddpm"
+    c.sample.steps = 250
+    c.sample.num = 16
+    c.sample.nrow = 4
+    if variant == "tiny":
+        c.data.name = "digits"
+        c.data.image_key = "image"
+        c.data.image_size, c.data.channels = 8, 1
+        c.data.batch_size = 8
+        c.model.variant = "S/2"
+        c.model.input_size = 8
+        c.model.in_channels = 1
+        c.model.num_classes = 10
+        c.model.hidden_size = 64
+        c.model.depth = 2
+        c.model.num_heads = 2
+        c.train.num_steps = 2
+        c.train.log_every = 1
+        c.train.ckpt_every = 2
+        c.sample.steps = 3
+        c.sample.num = 8
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; valid: tiny")
+    return c

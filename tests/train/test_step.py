@@ -1,0 +1,96 @@
+"""The train step: EMA arithmetic, label dropout, optimizer schedule, loss goes down."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.modeling import build_model
+from jaxdiff.train.loop import make_init_fn, sampling_params
+from jaxdiff.train.state import ema_decay, learning_rate_schedule, make_optimizer
+from jaxdiff.train.step import ema_specs, label_dropout, make_train_step
+from tests.helpers import load_config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config("digits", "tiny")
+    model = build_model(cfg)
+    tx = make_optimizer(cfg.optim)
+    init = jax.jit(make_init_fn(cfg, model, tx))
+    step = jax.jit(make_train_step(cfg, model, tx))
+    from jaxdiff.data import load_digits
+
+    x, y = load_digits("train")
+    batch = {"image": jnp.asarray(x[: cfg.data.batch_size]), "label": jnp.asarray(y[: cfg.data.batch_size])}
+    return cfg, init, step, batch
+
+
+def test_ema_update_matches_formula(setup):
+    cfg, init, step, batch = setup
+    s0 = init(jax.random.PRNGKey(0))
+    s1, metrics = step(s0, batch)
+    d = float(cfg.ema.decays[0])
+    leaf0 = jax.tree.leaves(s0.params)[0]
+    leaf1 = jax.tree.leaves(s1.params)[0]
+    ema1 = jax.tree.leaves(s1.ema["ema_0"])[0]
+    np.testing.assert_allclose(ema1, d * leaf0 + (1 - d) * leaf1, rtol=1e-6, atol=1e-7)
+    assert int(s1.step) == 1
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert not np.array_equal(leaf0, leaf1)
+
+
+def test_step_is_deterministic_and_keys_fold_in_step(setup):
+    _, init, step, batch = setup
+    s0 = init(jax.random.PRNGKey(0))
+    a, ma = step(s0, batch)
+    b, mb = step(s0, batch)
+    assert float(ma["loss"]) == float(mb["loss"])
+    c, mc = step(a, batch)  # same batch, next step -> different noise -> different loss
+    assert float(mc["loss"]) != float(ma["loss"])
+
+
+def test_loss_decreases_over_training(setup):
+    cfg, init, step, batch = setup
+    s = init(jax.random.PRNGKey(0))
+    losses = []
+    for _ in range(30):
+        s, m = step(s, batch)
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_label_dropout_rate():
+    y = jnp.zeros((20000,), jnp.int32)
+    out = label_dropout(jax.random.PRNGKey(0), y, 10, 0.1)
+    frac = float(jnp.mean(out == 10))
+    assert abs(frac - 0.1) < 4 * np.sqrt(0.1 * 0.9 / 20000)
+    assert set(np.unique(np.asarray(out)).tolist()) == {0, 10}
+
+
+def test_edm_half_life_ema_decay():
+    spec = {"half_life_images": 500_000, "rampup_ratio": None}
+    beta = float(ema_decay(spec, jnp.asarray(1000), 512))
+    assert beta == pytest.approx(0.5 ** (512 / 500_000), rel=1e-6)
+    # ramp-up limits the half-life to step * batch * ratio early on
+    beta_early = float(ema_decay({"half_life_images": 500_000, "rampup_ratio": 0.05}, jnp.asarray(10), 512))
+    assert beta_early == pytest.approx(0.5 ** (512 / (10 * 512 * 0.05)), rel=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = load_config("digits")
+    sched = learning_rate_schedule(cfg.optim)
+    assert float(sched(0)) == 0.0
+    assert float(sched(cfg.optim.warmup_steps)) == pytest.approx(cfg.optim.lr, rel=1e-6)
+    end = float(sched(cfg.optim.decay_steps))
+    assert end == pytest.approx(cfg.optim.lr * cfg.optim.final_lr_fraction, rel=1e-4)
+
+
+def test_ema_specs_and_sampling_params(setup):
+    cfg, init, _, _ = setup
+    assert list(ema_specs(cfg)) == ["ema_0"]
+    s = init(jax.random.PRNGKey(0))
+    assert sampling_params(s) is s.ema["ema_0"]
+    assert sampling_params(s, "params") is s.params
+    with pytest.raises(ValueError, match="ema_0"):
+        sampling_params(s, "nope")
