@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -58,7 +59,7 @@ def sampling_params(state: TrainState, which: str | None = None):
 
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
-        tqdm.write(msg)
+        tqdm.write(msg, file=sys.stderr)
 
 
 def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = True, devices=None) -> dict:

@@ -68,7 +68,7 @@ def make_train_step(config, model, tx):
             )
             for name, spec in specs.items()
         }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=step, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
 
     return train_step
