@@ -26,6 +26,7 @@ All returned arrays are float32 unless the inputs are of a wider type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -177,20 +178,10 @@ class DiscreteVP(Process):
         return float(self.num_train_timesteps - 1)
 
     def _logsnr_table(self):
-        ac = np.asarray(self.alphas_cumprod, np.float64)
-        with np.errstate(divide="ignore"):
-            table = np.log(ac) - np.log1p(-ac)
-        return table
+        return _logsnr_table(self.alphas_cumprod)
 
     def logsnr(self, t):
-        table = jnp.asarray(self._logsnr_table(), jnp.float32)
-        t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, self.t_max)
-        lo = jnp.floor(t).astype(jnp.int32)
-        hi = jnp.minimum(lo + 1, self.num_train_timesteps - 1)
-        w = t - lo.astype(jnp.float32)
-        a, b = table[lo], table[hi]
-        # Exact at integers (avoids 0 * -inf when the last entry is zero-terminal SNR).
-        return jnp.where(w == 0, a, jnp.where(w == 1, b, a + w * (b - a)))
+        return _interp_table(self._logsnr_table().astype(np.float32), jnp.asarray(t, jnp.float32))
 
     def alpha(self, t):
         # alpha^2 = sigmoid(logsnr): exact at integers, finite at logsnr = -inf.
@@ -206,11 +197,51 @@ class DiscreteVP(Process):
         ts = jnp.asarray(np.arange(len(table))[finite][::-1], jnp.float32)
         return jnp.interp(jnp.asarray(logsnr, jnp.float32), xs, ts)
 
+    def derivatives(self, t):
+        """(d alpha/dt, d sigma/dt) of the interpolated chain (for velocity outputs).
+
+        The log-SNR is piecewise linear in t, so its slope jumps at the integers, where autodiff
+        of :meth:`logsnr` would give 0. Use the slope of the interval below, (ceil(t) - 1, ceil(t))
+        -- the one a sampler steps through from t -- and (0, 1) at t = 0; with
+        d alpha/dlogsnr = alpha sigma^2 / 2 and d sigma/dlogsnr = -sigma alpha^2 / 2.
+        """
+        with np.errstate(invalid="ignore"):
+            slopes = np.diff(self._logsnr_table())  # float64: differences of O(10) values
+        slopes = jnp.asarray(np.where(np.isfinite(slopes), slopes, 0.0), jnp.float32)  # 0 where alpha = 0
+        t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, self.t_max)
+        slope = slopes[jnp.clip(jnp.ceil(t).astype(jnp.int32), 1, self.num_train_timesteps - 1) - 1]
+        a, s = self.alpha(t), self.sigma(t)
+        return 0.5 * a * s**2 * slope, -0.5 * s * a**2 * slope
+
     def net_time(self, t):
         return jnp.asarray(t, jnp.float32)
 
     def sample_t(self, key, shape):
         return jax.random.randint(key, shape, 0, self.num_train_timesteps).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _logsnr_table(alphas_cumprod: tuple) -> np.ndarray:
+    """log(alpha_bar / (1 - alpha_bar)) in float64 (cached: DiscreteVP methods are called often)."""
+    ac = np.asarray(alphas_cumprod, np.float64)
+    with np.errstate(divide="ignore"):
+        table = np.log(ac) - np.log1p(-ac)
+    table.setflags(write=False)
+    return table
+
+
+@jax.jit
+def _interp_table(table, t):
+    """Linear interpolation of ``table`` at float times t, clipped to [0, len - 1]; jitted so that
+    eager calls are one dispatch instead of a dozen indexing ops."""
+    n = table.shape[0]
+    t = jnp.clip(t, 0.0, n - 1.0)
+    lo = jnp.floor(t).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, n - 1)
+    w = t - lo.astype(jnp.float32)
+    a, b = table[lo], table[hi]
+    # Exact at integers (avoids 0 * -inf when the last entry is zero-terminal SNR).
+    return jnp.where(w == 0, a, jnp.where(w == 1, b, a + w * (b - a)))
 
 
 def discrete_vp(
@@ -229,8 +260,11 @@ def discrete_vp(
     )
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
-    # diffusers computes the cumulative product in float32; do the same so alphas match bit-wise.
-    ac = np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32).astype(np.float64)
+    # diffusers holds betas in float32 and accumulates them in float32. Round the betas the same
+    # way but accumulate in float64: a float32 cumprod here adds its own rounding to diffusers'
+    # (up to 1.4e-6 apart for squaredcos_cap_v2 + zero SNR); float64 stays within diffusers' own
+    # float32 rounding (< 1e-6) of it.
+    ac = np.cumprod(1.0 - betas.astype(np.float32).astype(np.float64))
     return DiscreteVP(alphas_cumprod=tuple(float(a) for a in ac), name=f"discrete_vp_{beta_schedule}")
 
 

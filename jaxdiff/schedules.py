@@ -111,6 +111,8 @@ def logsnr_uniform_times(process: Process, num_steps: int, t_end: float | None =
     """``num_steps + 1`` times uniform in log-SNR between ``t_max`` and ``t_end`` (Lu et al. 2022)."""
     t_end = process.t_min if t_end is None else t_end
     l0, l1 = float(process.logsnr(process.t_max)), float(process.logsnr(t_end))
+    if not (np.isfinite(l0) and np.isfinite(l1)):
+        raise ValueError(f"log-SNR is {l0}..{l1} at t_max..t_end: pick a t_end (and process range) where it is finite")
     return np.asarray(process.t_from_logsnr(jnp.linspace(l0, l1, int(num_steps) + 1)))
 
 
@@ -146,6 +148,8 @@ def grid_from_sigmas(process: Process, sigmas, final: str = "zero") -> Grid:
     sigma = s * alpha
     if final == "zero":
         t, alpha, sigma = _append_zero(t, alpha, sigma)
+    elif final != "last":
+        raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
     return Grid(t=t, alpha=alpha, sigma=sigma, process=process)
 
 
@@ -162,8 +166,11 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
               sigma_min: float | None = None, sigma_max: float | None = None) -> Grid:
     """The usual grid for a process: ``num_steps`` model evaluations ending at clean data.
 
-    Defaults: discrete VP -> diffusers ``linspace`` timesteps; EDM -> Karras rho = 7;
-    others -> uniform in t ending at ``t_min``.
+    Defaults: discrete VP -> diffusers ``linspace`` timesteps; EDM (and VE, any process with a
+    ``sigma_min`` / ``sigma_max`` range) -> Karras rho = 7; others -> uniform in t ending at
+    ``t_min``. ``karras`` and ``logsnr`` space the noise level sigma / alpha between
+    ``sigma_max`` and ``sigma_min`` (default: its values at ``t_max`` and ``t_min``, which must
+    be finite and positive -- pass the range for a process whose ends are clean or pure noise).
     """
     if kind is None:
         kind = "linspace" if process.discrete else ("karras" if _has_sigma_range(process) else "uniform")
@@ -171,17 +178,25 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
         if not process.discrete:
             raise ValueError(f"grid kind {kind!r} needs a discrete process, got {type(process).__name__}")
         return grid_from_times(process, discrete_timesteps(process.num_train_timesteps, num_steps, kind))
-    if kind == "karras":
+    if kind in ("karras", "logsnr"):
         smin = sigma_min if sigma_min is not None else float(process.sigma_ratio(process.t_min))
         smax = sigma_max if sigma_max is not None else float(process.sigma_ratio(process.t_max))
-        return grid_from_sigmas(process, karras_sigmas(num_steps, smin, smax, rho))
-    if kind in ("uniform", "logsnr"):
+        if not 0.0 < smin < smax < float("inf"):
+            raise ValueError(
+                f"grid kind {kind!r} needs 0 < sigma_min < sigma_max < inf in sigma/alpha; "
+                f"{type(process).__name__} gives {smin}..{smax} at t_min..t_max: pass sigma_min= and sigma_max="
+            )
+        if kind == "karras":
+            sigmas = karras_sigmas(num_steps, smin, smax, rho)
+        else:  # uniform in log-SNR = -2 log(sigma / alpha) (DPM-Solver's "logSNR" skip type)
+            sigmas = np.geomspace(smax, smin, int(num_steps))
+        return grid_from_sigmas(process, sigmas)
+    if kind == "uniform":
         # Evaluate the model at N times ending at t_min, then step to clean data; if t_min is
         # already clean (flows: sigma(t_min) = 0), use N + 1 points and drop the last.
         clean_end = float(process.sigma(process.t_min)) == 0.0
         n = num_steps + 1 if clean_end else num_steps
-        fn = uniform_times if kind == "uniform" else logsnr_uniform_times
-        times = fn(process, n - 1)
+        times = uniform_times(process, n - 1)
         return grid_from_times(process, times[:-1] if clean_end else times)
     raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
 

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import run_steps, validate
+from jaxdiff.samplers.base import run_steps, safe_div, validate
 
 
 def _churn(x_t, s, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, grid):
@@ -64,7 +64,8 @@ euler.stochastic = False
 
 def heun(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.0,
          s_tmax: float = float("inf"), s_noise: float = 1.0):
-    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 2); Euler for the step into sigma = 0.
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 2); Euler for the step into sigma = 0
+    (and, in the sigma_ratio frame, for a step from alpha = 0).
 
     Uses 2N - 1 model evaluations on a grid that ends at sigma = 0, 2N otherwise.
     """
@@ -98,20 +99,30 @@ def heun(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.
 
         return run_steps(step, x, grid, key)
 
+    # EDM Algorithm 2 in the VE frame (x~ = x / alpha, s = sigma / alpha), written in (alpha, sigma)
+    # coordinates: the VE-frame slope (x~ - D) / s is eps_hat = (x - alpha D) / sigma, the Euler
+    # predictor is x' = alpha' D + sigma' eps_hat, and the trapezoidal corrector adds
+    # alpha' (s' - s) (eps_hat' - eps_hat) / 2. A step from alpha = 0 (zero terminal SNR: s = inf)
+    # is an Euler step, like the step into sigma = 0.
     def step(x, s):
-        sigma, sigma_next = s.sigma / s.alpha, s.sigma_next / s.alpha_next
-        xt = x.astype(jnp.float32) / s.alpha
-        xt, sigma_hat, t_hat, alpha_hat = _churn(xt, s, sigma, n, s_churn, s_tmin, s_tmax, s_noise, grid)
-        d = (xt - denoise((alpha_hat * xt).astype(dtype), t_hat)) / sigma_hat
-        dt = sigma_next - sigma_hat
-        x_euler = xt + dt * d
+        x = x.astype(jnp.float32)
+        t, alpha, sigma = s.t, s.alpha, s.sigma
+        if s_churn != 0:
+            xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, n, s_churn, s_tmin, s_tmax,
+                                             s_noise, grid)
+            x, sigma = alpha * xt, alpha * sigma_hat
+        x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
+        eps = (x - alpha * x0) / sigma
+        x_euler = s.alpha_next * x0 + s.sigma_next * eps
 
         def correct(_):
-            d2 = (x_euler - denoise((s.alpha_next * x_euler).astype(dtype), s.t_next)) / sigma_next
-            return xt + dt * 0.5 * (d + d2)
+            x0_2 = denoise(x_euler.astype(dtype), s.t_next).astype(jnp.float32)
+            eps_2 = safe_div(x_euler - s.alpha_next * x0_2, s.sigma_next)
+            dt = s.sigma_next - s.alpha_next * safe_div(sigma, alpha)  # alpha' (s' - s)
+            return x_euler + 0.5 * dt * (eps_2 - eps)
 
-        xt = jax.lax.cond(sigma_next == 0, lambda _: x_euler, correct, None)
-        return (s.alpha_next * xt).astype(dtype)
+        euler_only = (s.sigma_next == 0) | (alpha == 0)
+        return jax.lax.cond(euler_only, lambda _: x_euler, correct, None).astype(dtype)
 
     return run_steps(step, x, grid, key)
 
