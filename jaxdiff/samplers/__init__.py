@@ -10,8 +10,14 @@ from __future__ import annotations
 from typing import Callable
 
 from jaxdiff.samplers.ddim import ddim, ddpm
-from jaxdiff.samplers.dpm_solver import dpmpp_2m
+from jaxdiff.samplers.ancestral import dpm2, dpm2_ancestral, dpmpp_2s_ancestral, euler_ancestral
+from jaxdiff.samplers.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, dpmpp_sde
 from jaxdiff.samplers.euler import euler, heun
+from jaxdiff.samplers.deis import deis
+from jaxdiff.samplers.pndm import plms, pndm
+from jaxdiff.samplers.singlestep import dpm_solver
+from jaxdiff.samplers.unipc import unipc
+from jaxdiff.samplers.linear_multistep import ipndm, ipndm_v, lms
 
 _REGISTRY: dict[str, Callable] = {
     "ddpm": ddpm,
@@ -19,6 +25,22 @@ _REGISTRY: dict[str, Callable] = {
     "euler": euler,
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
+    "dpm_solver": dpm_solver,
+    "unipc": unipc,
+    "deis": deis,
+    "pndm": pndm,
+    "plms": plms,
+    "euler_ancestral": euler_ancestral,
+    "dpm2": dpm2,
+    "dpm2_ancestral": dpm2_ancestral,
+    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+    "dpmpp_sde": dpmpp_sde,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+    "lms": lms,
+    "ipndm": ipndm,
+    "ipndm_v": ipndm_v,
 }
 
 
@@ -41,4 +63,7 @@ def register(name: str, fn: Callable) -> Callable:
     return fn
 
 
-__all__ = ["available", "get", "register", "ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
+__all__ = ["available", "get", "register", "ddpm", "ddim", "euler", "heun", "dpmpp_2m",
+           "euler_ancestral", "dpm2", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+           "dpmpp_3m", "dpmpp_3m_sde", "lms", "ipndm", "ipndm_v",
+           "dpm_solver", "unipc", "deis", "pndm", "plms"]
