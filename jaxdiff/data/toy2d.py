@@ -79,7 +79,7 @@ def _two_moons(key, n):
     t = jax.random.uniform(k_t, (n,), maxval=math.pi)
     x_up = jnp.stack([jnp.cos(t), jnp.sin(t)], axis=-1)
     x_low = jnp.stack([1.0 - jnp.cos(t), 0.5 - jnp.sin(t)], axis=-1)
-    x = jnp.where(upper[:, None], x_up, x_low) - jnp.array([0.5, 0.25])
+    x = jnp.where(upper[:, None], x_up, x_low) - jnp.array([[0.5, 0.25]])
     return x + _NOISE_STD * jax.random.normal(k_noise, (n, 2))
 
 
@@ -88,7 +88,7 @@ def _swiss_roll(key, n):
     t = 1.5 * math.pi * (1.0 + 2.0 * jax.random.uniform(k_t, (n,)))
     x = jnp.stack([t * jnp.cos(t), t * jnp.sin(t)], axis=-1) / 5.0
     # Exact centring: E[t cos t] = 2, E[t sin t] = 2 / (3 pi).
-    x = x - jnp.array([2.0 / 5.0, 2.0 / (15.0 * math.pi)])
+    x = x - jnp.array([[2.0 / 5.0, 2.0 / (15.0 * math.pi)]])
     return x + _NOISE_STD * jax.random.normal(k_noise, (n, 2))
 
 
