@@ -15,12 +15,16 @@ Grid builders:
 * :func:`karras_sigmas` -- Karras et al. 2022, Eq. 5 (rho = 7).
 * :func:`logsnr_uniform_times` -- uniform in log-SNR (DPM-Solver's ``logSNR`` skip type).
 * :func:`uniform_times` -- uniform in t.
+* :func:`beta_times` -- times at the quantiles of a Beta(a, b) distribution (Lee et al. 2024,
+  "Beta Sampling is All You Need"), dense near both ends for a = b < 1; :func:`beta_ppf` is the
+  Beta quantile function in float64 numpy (no scipy).
 * :func:`grid_from_times`, :func:`grid_from_sigmas` -- turn times or VE-frame sigmas into a Grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +39,14 @@ __all__ = [
     "karras_sigmas",
     "logsnr_uniform_times",
     "uniform_times",
+    "beta_ppf",
+    "beta_times",
     "grid_from_times",
     "grid_from_sigmas",
     "make_grid",
     "GRID_KINDS",
+    "starts_at_alpha_zero",
+    "require_alpha_start_positive",
 ]
 
 
@@ -116,6 +124,73 @@ def logsnr_uniform_times(process: Process, num_steps: int, t_end: float | None =
     return np.asarray(process.t_from_logsnr(jnp.linspace(l0, l1, int(num_steps) + 1)))
 
 
+def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """Regularized incomplete beta function I_x(a, b) in float64 (Press et al., "Numerical
+    Recipes", 3rd ed., Sec. 6.4: the continued fraction Eq. 6.4.5 by modified Lentz, on the side
+    of (a + 1) / (a + b + 2) where it converges fast, with I_x(a, b) = 1 - I_{1-x}(b, a))."""
+    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0)
+
+    def cf(a, b, x):
+        tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+        c = np.ones_like(x)
+        d = 1.0 - qab * x / qap
+        d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+        h = d.copy()
+        for m in range(1, 301):
+            for aa in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
+                       -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
+                d = 1.0 + aa * d
+                d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+                c = 1.0 + aa / c
+                c = np.where(np.abs(c) < tiny, tiny, c)
+                h = h * d * c
+            if np.all(np.abs(d * c - 1.0) < 1e-15):  # converged everywhere
+                break
+        return h
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * np.log(x) + b * np.log1p(-x))
+        front = np.exp(log_front)
+        lower = x < (a + 1.0) / (a + b + 2.0)
+        aa, bb = np.where(lower, a, b), np.where(lower, b, a)  # the fast side only
+        frac = front * cf(aa, bb, np.where(lower, x, 1.0 - x)) / aa
+        out = np.where(lower, frac, 1.0 - frac)
+    return np.where(x <= 0.0, 0.0, np.where(x >= 1.0, 1.0, out))
+
+
+def beta_ppf(q, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Quantile function of the Beta(a, b) distribution at probabilities ``q`` (float64 numpy).
+
+    Bisection on :func:`_betainc` (the CDF), 60 halvings: about 1e-16 absolute error in x. Equals
+    ``scipy.stats.beta.ppf(q, a, b)`` to ~1e-12 (tested), without importing scipy.
+    """
+    if not (a > 0 and b > 0):
+        raise ValueError(f"Beta(a, b) needs a > 0 and b > 0, got a={a}, b={b}")
+    q = np.asarray(q, np.float64)
+    if np.any((q < 0) | (q > 1)):
+        raise ValueError(f"beta_ppf: probabilities must lie in [0, 1], got {q}")
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        below = _betainc(a, b, mid) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    x = 0.5 * (lo + hi)
+    return np.where(q <= 0.0, 0.0, np.where(q >= 1.0, 1.0, x))
+
+
+def beta_times(process: Process, num_steps: int, a: float = 0.6, b: float = 0.6,
+               t_end: float | None = None) -> np.ndarray:
+    """``num_steps + 1`` times from ``t_max`` to ``t_end`` (default ``t_min``) at the Beta(a, b)
+    quantiles ``t_i = t_end + ppf(1 - i / num_steps) (t_max - t_end)`` (Lee et al. 2024, "Beta
+    Sampling is All You Need", arXiv:2407.12173: time steps at the quantiles of Beta(a, b);
+    a = b = 0.6, diffusers' default, packs steps near both ends of the trajectory).
+    """
+    t_end = process.t_min if t_end is None else t_end
+    q = beta_ppf(1.0 - np.linspace(0.0, 1.0, int(num_steps) + 1), a, b)
+    return t_end + q * (process.t_max - t_end)
+
+
 def _append_zero(t, alpha, sigma):
     return (
         jnp.concatenate([t, jnp.zeros((1,), t.dtype)]),
@@ -159,11 +234,12 @@ def _is_vp(process: Process) -> bool:
     return isinstance(process, (DiscreteVP, VPLinear, VPCosine))
 
 
-GRID_KINDS = ("linspace", "leading", "trailing", "karras", "uniform", "logsnr")
+GRID_KINDS = ("linspace", "leading", "trailing", "karras", "uniform", "logsnr", "beta", "beta_sigmas")
 
 
 def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho: float = 7.0,
-              sigma_min: float | None = None, sigma_max: float | None = None) -> Grid:
+              sigma_min: float | None = None, sigma_max: float | None = None,
+              beta_a: float = 0.6, beta_b: float = 0.6) -> Grid:
     """The usual grid for a process: ``num_steps`` model evaluations ending at clean data.
 
     Defaults: discrete VP -> diffusers ``linspace`` timesteps; EDM (and VE, any process with a
@@ -171,6 +247,17 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
     ``t_min``. ``karras`` and ``logsnr`` space the noise level sigma / alpha between
     ``sigma_max`` and ``sigma_min`` (default: its values at ``t_max`` and ``t_min``, which must
     be finite and positive -- pass the range for a process whose ends are clean or pure noise).
+
+    ``beta`` (Lee et al. 2024): model evaluations at the times of :func:`beta_times` (Beta(beta_a,
+    beta_b) quantiles between ``t_max`` and ``t_min``; float times also for discrete processes).
+    ``beta_sigmas``: diffusers' ``use_beta_sigmas`` -- the noise level sigma / alpha (not t) at
+    ``sigma_min + ppf(1 - i / (N - 1)) (sigma_max - sigma_min)``, range as for ``karras``.
+
+    Zero terminal SNR (Lin et al. 2024): ``processes.discrete_vp(..., rescale_betas_zero_snr=True)``
+    with ``trailing`` (or ``linspace``, ``beta``, ``uniform``) starts at t = 999 where alpha = 0;
+    :class:`~jaxdiff.processes.RectifiedFlow` grids that start at t = 1 do too. Every sampler steps
+    from alpha = 0 except those that call :func:`require_alpha_start_positive` (``pndm``, ``plms``,
+    ``reverse_sde_pc``), which raise a ValueError saying so.
     """
     if kind is None:
         kind = "linspace" if process.discrete else ("karras" if _has_sigma_range(process) else "uniform")
@@ -178,7 +265,7 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
         if not process.discrete:
             raise ValueError(f"grid kind {kind!r} needs a discrete process, got {type(process).__name__}")
         return grid_from_times(process, discrete_timesteps(process.num_train_timesteps, num_steps, kind))
-    if kind in ("karras", "logsnr"):
+    if kind in ("karras", "logsnr", "beta_sigmas"):
         smin = sigma_min if sigma_min is not None else float(process.sigma_ratio(process.t_min))
         smax = sigma_max if sigma_max is not None else float(process.sigma_ratio(process.t_max))
         if not 0.0 < smin < smax < float("inf"):
@@ -188,6 +275,8 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
             )
         if kind == "karras":
             sigmas = karras_sigmas(num_steps, smin, smax, rho)
+        elif kind == "beta_sigmas":  # diffusers' _convert_to_beta (use_beta_sigmas=True)
+            sigmas = smin + beta_ppf(1.0 - np.linspace(0.0, 1.0, int(num_steps)), beta_a, beta_b) * (smax - smin)
         else:  # uniform in log-SNR = -2 log(sigma / alpha) (DPM-Solver's "logSNR" skip type)
             sigmas = np.geomspace(smax, smin, int(num_steps))
         return grid_from_sigmas(process, sigmas)
@@ -198,8 +287,36 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
         n = num_steps + 1 if clean_end else num_steps
         times = uniform_times(process, n - 1)
         return grid_from_times(process, times[:-1] if clean_end else times)
+    if kind == "beta":
+        clean_end = float(process.sigma(process.t_min)) == 0.0  # as for "uniform"
+        n = num_steps + 1 if clean_end else num_steps
+        times = beta_times(process, n - 1, beta_a, beta_b)
+        return grid_from_times(process, times[:-1] if clean_end else times)
     raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
 
 
 def _has_sigma_range(process: Process) -> bool:
     return hasattr(process, "sigma_max") and hasattr(process, "sigma_min")
+
+
+def starts_at_alpha_zero(grid: Grid) -> bool:
+    """Whether ``grid`` starts at alpha = 0 (zero terminal SNR, a flow at t = 1). False when the grid
+    is traced (inside ``jit`` its values are unknown)."""
+    try:
+        return float(grid.alpha[0]) == 0.0
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False
+
+
+def require_alpha_start_positive(name: str, grid: Grid, why: str) -> None:
+    """Raise a ValueError if a sampler that cannot step from alpha = 0 gets a grid starting there.
+
+    Only eager grids are checked; a traced grid starting at alpha = 0 gives NaN for these samplers.
+    """
+    if starts_at_alpha_zero(grid):
+        raise ValueError(
+            f"{name}: the grid starts at alpha = 0 (zero terminal SNR, or a flow at t = 1), where {why}. "
+            "Start the grid just below that point (e.g. drop its first time), or use a sampler that steps "
+            "from alpha = 0: every registered sampler except pndm, plms and reverse_sde_pc (e.g. euler, "
+            "heun, ddim, dpmpp_2m, unipc, flow_euler, flow_heun, pf_ode_adaptive, consistency_multistep)."
+        )

@@ -77,7 +77,7 @@ def test_karras_sigmas_formula(n, smin, smax):
 
 def _grid_kinds(name):
     proc = PROCESSES[name]
-    kinds = [None, "karras", "uniform", "logsnr"]
+    kinds = [None, "karras", "uniform", "logsnr", "beta", "beta_sigmas"]
     if proc.discrete:
         kinds += list(S.TIMESTEP_SPACINGS)
     return [(name, k) for k in kinds]
@@ -91,7 +91,7 @@ GRID_CASES = [c for name in PROCESSES for c in _grid_kinds(name)]
 def test_grid_invariants(name, kind, num_steps):
     proc = PROCESSES[name]
     kw = {}
-    if kind in ("karras", "logsnr"):
+    if kind in ("karras", "logsnr", "beta_sigmas"):
         smin, smax = float(proc.sigma_ratio(proc.t_min)), float(proc.sigma_ratio(proc.t_max))
         if not 0 < smin < smax < np.inf:  # clean t_min (cosine, flow) or pure-noise t_max (flow)
             with pytest.raises(ValueError, match="pass sigma_min= and sigma_max="):
@@ -219,3 +219,115 @@ def test_prior_sample():
     assert abs(float(jnp.std(x)) / 80.0 - 1) < 0.02
     xb = g.prior_sample(jax.random.key(0), (3,), jnp.bfloat16)
     assert xb.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# Beta-quantile grids (Lee et al. 2024) and zero-terminal-SNR grids.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a,b", [(0.6, 0.6), (0.5, 2.0), (2.0, 0.5), (1.0, 1.0), (3.0, 7.0), (0.2, 0.3)])
+def test_beta_ppf_matches_scipy(a, b):
+    stats = pytest.importorskip("scipy.stats")
+    q = np.linspace(0.0, 1.0, 201)
+    np.testing.assert_allclose(S.beta_ppf(q, a, b), stats.beta.ppf(q, a, b), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="a > 0 and b > 0"):
+        S.beta_ppf(q, 0.0, b)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        S.beta_ppf([1.5], a, b)
+
+
+@pytest.mark.parametrize("name", ["edm", "vp_linear", "discrete", "rectified_flow"])
+def test_beta_grid(name):
+    """make_grid(kind="beta"): N model times at t_end + ppf(1 - i / (N - 1)) (t_max - t_end) of
+    Beta(0.6, 0.6) (scipy's quantiles), from t_max, then the clean point; dense near both ends."""
+    stats = pytest.importorskip("scipy.stats")
+    proc = PROCESSES[name]
+    g = S.make_grid(proc, N, "beta")
+    clean_tmin = float(proc.sigma(proc.t_min)) == 0.0
+    m = N + 1 if clean_tmin else N  # flows: N + 1 quantiles, the last (t_min, clean) dropped
+    q = stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, m), 0.6, 0.6)
+    expect = proc.t_min + q * (proc.t_max - proc.t_min)
+    expect = expect[:-1] if clean_tmin else expect
+    t = np.asarray(g.t)
+    assert g.num_steps == N and t.shape == (N + 1,)
+    np.testing.assert_allclose(t[:-1], expect, rtol=1e-6, atol=1e-6 * proc.t_max)
+    assert t[0] == pytest.approx(proc.t_max) and float(g.sigma[-1]) == 0.0 and float(g.alpha[-1]) == 1.0
+    assert np.all(np.diff(t[:-1]) < 0)
+    gaps = -np.diff(t[:m - 1] if clean_tmin else t[:-1])
+    assert gaps[0] < gaps[len(gaps) // 2] and gaps[-1] < gaps[len(gaps) // 2]  # dense at both ends
+    # other shape parameters
+    g2 = S.make_grid(proc, N, "beta", beta_a=2.0, beta_b=0.5)
+    q2 = stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, m), 2.0, 0.5)
+    e2 = proc.t_min + q2 * (proc.t_max - proc.t_min)
+    np.testing.assert_allclose(np.asarray(g2.t[:-1]), e2[:-1] if clean_tmin else e2, rtol=1e-6, atol=1e-6 * proc.t_max)
+
+
+@pytest.mark.parametrize("n", [2, 10, 25])
+def test_beta_sigmas_match_diffusers(n):
+    """kind="beta_sigmas" is diffusers' use_beta_sigmas (EulerDiscreteScheduler; its sigmas are
+    sigma / alpha), Stable Diffusion's schedule. (For one step diffusers' range collapses to
+    sigma_min: its single timestep is 0.)"""
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             use_beta_sigmas=True)
+    sched.set_timesteps(n)
+    g = S.make_grid(PROCESSES["discrete"], n, "beta_sigmas")
+    np.testing.assert_allclose(np.asarray(g.sigma_ratio), sched.sigmas.numpy(), rtol=2e-5)
+
+
+def test_zero_terminal_snr_grids():
+    """Lin et al. 2024: discrete_vp(rescale_betas_zero_snr=True) has alpha = 0 at t = 999, reached
+    by trailing / linspace / beta grids (not leading); flows start at alpha = 0 at t = 1."""
+    zsnr = P.discrete_vp(rescale_betas_zero_snr=True)
+    for kind in ("trailing", "linspace", "beta"):
+        g = S.make_grid(zsnr, N, kind)
+        assert float(g.t[0]) == 999.0 and float(g.alpha[0]) == 0.0 and float(g.sigma[0]) == 1.0, kind
+        assert S.starts_at_alpha_zero(g)
+        assert np.all(np.isfinite(np.asarray(g.alpha))) and np.all(np.diff(np.asarray(g.alpha)) > 0)
+    assert not S.starts_at_alpha_zero(S.make_grid(zsnr, N, "leading"))
+    assert not S.starts_at_alpha_zero(S.make_grid(PROCESSES["discrete"], N, "trailing"))
+    assert S.starts_at_alpha_zero(S.make_grid(P.RectifiedFlow(), N))
+    # traced grids are not inspected
+    traced = jax.jit(lambda g: jnp.asarray(S.starts_at_alpha_zero(g)))(S.make_grid(zsnr, N, "trailing"))
+    assert not bool(traced)
+
+
+_NO_ALPHA_ZERO = ("pndm", "plms", "reverse_sde_pc")
+
+
+def test_samplers_that_cannot_start_at_alpha_zero_raise():
+    from jaxdiff import samplers
+
+    g = S.make_grid(P.discrete_vp(rescale_betas_zero_snr=True), 5, "trailing")  # pndm needs >= 5 steps
+    x = jnp.ones((2, 3))
+    for name in _NO_ALPHA_ZERO:
+        with pytest.raises(ValueError, match=f"{name}: the grid starts at alpha = 0.*every registered sampler except "
+                                             "pndm, plms and reverse_sde_pc"):
+            samplers.get(name)(lambda v, t: v, x, g, key=jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_every_other_sampler_steps_from_alpha_zero():
+    """Every registered sampler but those above is finite from a zero-terminal-SNR start, and its
+    deterministic ones land near the exact PF-ODE end point, c x for Gaussian data from N(0, 1)."""
+    from jaxdiff import samplers
+
+    proc = P.discrete_vp(rescale_betas_zero_snr=True)
+    g = S.make_grid(proc, 20, "trailing")
+    c = 0.5
+
+    def den(v, t):
+        a, s = proc.alpha(t), proc.sigma(t)
+        return a * c**2 / (a**2 * c**2 + s**2) * v
+
+    x = jax.random.normal(jax.random.key(1), (4, 4))
+    for name in samplers.available():
+        if name in _NO_ALPHA_ZERO:
+            continue
+        fn = samplers.get(name)
+        out = np.asarray(fn(den, x, g, key=jax.random.key(2)), np.float64)
+        assert np.all(np.isfinite(out)), name
+        if not fn.stochastic and name != "ddpm":
+            assert np.max(np.abs(out - c * np.asarray(x))) < 0.15 * np.max(np.abs(c * np.asarray(x))), name

@@ -18,6 +18,11 @@ from jaxdiff.samplers.pndm import plms, pndm
 from jaxdiff.samplers.singlestep import dpm_solver
 from jaxdiff.samplers.unipc import unipc
 from jaxdiff.samplers.linear_multistep import ipndm, ipndm_v, lms
+from jaxdiff.samplers.sde import reverse_sde_pc
+from jaxdiff.samplers.adaptive import pf_ode_adaptive
+from jaxdiff.samplers.flow import flow_euler, flow_heun
+from jaxdiff.samplers.consistency import consistency_multistep
+from jaxdiff.samplers.api import sample
 
 _REGISTRY: dict[str, Callable] = {
     "ddpm": ddpm,
@@ -41,6 +46,11 @@ _REGISTRY: dict[str, Callable] = {
     "lms": lms,
     "ipndm": ipndm,
     "ipndm_v": ipndm_v,
+    "reverse_sde_pc": reverse_sde_pc,
+    "pf_ode_adaptive": pf_ode_adaptive,
+    "flow_euler": flow_euler,
+    "flow_heun": flow_heun,
+    "consistency_multistep": consistency_multistep,
 }
 
 
@@ -66,4 +76,5 @@ def register(name: str, fn: Callable) -> Callable:
 __all__ = ["available", "get", "register", "ddpm", "ddim", "euler", "heun", "dpmpp_2m",
            "euler_ancestral", "dpm2", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
            "dpmpp_3m", "dpmpp_3m_sde", "lms", "ipndm", "ipndm_v",
-           "dpm_solver", "unipc", "deis", "pndm", "plms"]
+           "dpm_solver", "unipc", "deis", "pndm", "plms", "reverse_sde_pc", "pf_ode_adaptive", "flow_euler",
+           "flow_heun", "consistency_multistep", "sample"]

@@ -38,16 +38,35 @@ class Step(NamedTuple):
     key: jax.Array
 
 
-def validate(name: str, x, grid: Grid, key, stochastic: bool) -> None:
-    """Eager checks with messages that say what to pass instead."""
+def validate(name: str, x, grid: Grid, key, stochastic: bool, min_steps: int = 1) -> None:
+    """Eager checks (shapes and dtypes only: no device sync, works on tracers) with messages
+    that say what to pass instead."""
     if not isinstance(grid, Grid):
-        raise TypeError(f"{name}: grid must be a jaxdiff.schedules.Grid, got {type(grid).__name__}")
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"{name}: x must be a floating array, got dtype {jnp.result_type(x)}")
-    if grid.t.ndim != 1 or grid.t.shape[0] < 2:
-        raise ValueError(f"{name}: grid needs at least 2 points (1 step), got t of shape {grid.t.shape}")
+        raise TypeError(f"{name}: grid must be a jaxdiff.schedules.Grid (schedules.make_grid(...)), "
+                        f"got {type(grid).__name__}")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: x must be a jax or numpy array, got {type(x).__name__}; wrap it in jnp.asarray")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: x must be a floating array (float32 or bfloat16), got dtype {x.dtype}; "
+                        "cast it with x.astype(jnp.float32)")
+    for field in ("t", "alpha", "sigma"):
+        a = getattr(grid, field)
+        if not hasattr(a, "shape") or a.ndim != 1 or a.shape != grid.t.shape:
+            raise ValueError(f"{name}: grid.{field} must be 1-D with the shape of grid.t {getattr(grid.t, 'shape', None)}, "
+                             f"got {getattr(a, 'shape', type(a).__name__)}; build grids with schedules.make_grid")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name}: grid.{field} must be floating, got dtype {a.dtype}")
+    if grid.t.shape[0] < min_steps + 1:
+        raise ValueError(f"{name}: the grid needs at least {min_steps + 1} points ({min_steps} step(s)), got "
+                         f"t of shape {grid.t.shape}; pass num_steps >= {min_steps} to schedules.make_grid")
     if stochastic and key is None:
         raise ValueError(f"{name} is stochastic: pass key=jax.random.key(...)")
+    if key is not None:
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key) if hasattr(key, "dtype") else False
+        raw = hasattr(key, "dtype") and key.dtype == jnp.uint32 and key.ndim == 1  # PRNGKey(seed)
+        if not (typed and key.shape == ()) and not raw:
+            raise TypeError(f"{name}: key must be one PRNG key (jax.random.key(seed)), got "
+                            f"{getattr(key, 'dtype', type(key).__name__)} of shape {getattr(key, 'shape', None)}")
 
 
 def run_steps(step_fn: Callable, carry, grid: Grid, key=None):
