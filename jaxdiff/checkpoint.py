@@ -3,6 +3,14 @@
 A thin layer over ``orbax.checkpoint.CheckpointManager``: save every N steps and at the end,
 keep K, asynchronous writes, and restore into an abstract (possibly sharded) target built with
 ``jax.eval_shape`` -- so a checkpoint written on 8 devices restores onto 1. No pickle anywhere.
+
+Interrupted writes: Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it to
+``<step>`` only when every item is complete (``commit_success.txt`` inside), so a process killed
+mid-save leaves a tmp directory that Orbax never lists. :attr:`CheckpointManager.incomplete` names
+those directories (the trainer reports them as skipped); with ``cleanup=True`` Orbax deletes them.
+
+Before restoring, :meth:`CheckpointManager.restore` compares the shapes stored in the
+checkpoint's metadata with the target's and names every parameter that differs.
 """
 
 from __future__ import annotations
@@ -11,9 +19,50 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointManager", "config_to_json", "load_config_json"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "config_to_json", "load_config_json",
+           "tree_is_finite"]
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+KILL_DURING_SAVE_ENV = "JAXDIFF_KILL_DURING_SAVE"  # test hook: SIGKILL self while saving this step
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's arrays do not have the shapes the current config builds."""
+
+
+def tree_is_finite(tree) -> bool:
+    """True if every floating leaf of ``tree`` is finite (one device reduction, one host sync)."""
+    leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(np.dtype(x.dtype), np.inexact)]
+    if not leaves:
+        return True
+    return bool(jax.device_get(_all_finite(leaves)))
+
+
+@jax.jit
+def _all_finite(leaves):
+    import jax.numpy as jnp
+
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _shapes(tree) -> dict:
+    return {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(x, "shape")}
 
 
 def config_to_json(config) -> dict:
@@ -40,15 +89,28 @@ def _lists_to_tuples(x):
 class CheckpointManager:
     """Save / restore ``TrainState`` pytrees under ``workdir/checkpoints/<step>/``."""
 
-    def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True,
+                 cleanup: bool = False):
+        """``cleanup=True`` deletes incomplete (interrupted) step directories; only the process
+        that writes checkpoints should ask for it. :attr:`incomplete` lists them either way."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.incomplete = self._find_incomplete()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(save_every)),
             max_to_keep=int(keep) if keep else None,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=bool(cleanup),
         )
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def _find_incomplete(self) -> list[str]:
+        """Step directories an interrupted save left behind (Orbax's tmp names), oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        names = [n for n in os.listdir(self.directory) if TMP_MARKER in n]
+        return [os.path.join(self.directory, n) for n in sorted(names, key=lambda n: (len(n), n))]
 
     def latest_step(self):
         return self._mngr.latest_step()
@@ -57,19 +119,73 @@ class CheckpointManager:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state, config, *, force: bool = False) -> bool:
-        return self._mngr.save(
+        """Start an (async) save of ``state`` at ``step``; refuses non-finite params or EMA.
+
+        Raises FloatingPointError (and writes nothing) if ``state.params`` or ``state.ema`` hold
+        a NaN or Inf, so a checkpoint never carries a diverged model.
+        """
+        if not (force or self._mngr.should_save(int(step))):
+            return False
+        weights = {"params": getattr(state, "params", state), "ema": getattr(state, "ema", {})}
+        if not tree_is_finite(weights):
+            raise FloatingPointError(
+                f"refusing to write the checkpoint at step {step}: the params or EMA weights hold "
+                f"NaN/Inf. The last complete checkpoint in {self.directory} is step "
+                f"{self.latest_step()}; lower optim.lr or set train.nonfinite='skip'.")
+        started = self._mngr.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_json(config))),
             force=force,
         )
+        if os.environ.get(KILL_DURING_SAVE_ENV) == str(int(step)):
+            # Fault injection for tests and scripts/soak.py: SIGKILL this process while the
+            # asynchronous write of this step is still in flight (before Orbax's final rename).
+            # With synchronous writes the save has already completed here.
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return started
 
     def restore(self, abstract_state, step: int | None = None):
         """Restore into ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self.check_shapes(abstract_state, step)
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out.state
+
+    def check_shapes(self, abstract_state, step: int) -> None:
+        """Raise :class:`CheckpointMismatchError` naming every array whose stored shape differs
+        from ``abstract_state``'s (or that only one of them has), read from the checkpoint's
+        metadata without loading any array."""
+        meta = self._mngr.item_metadata(step)["state"]
+        stored = _shapes(getattr(meta, "tree", meta))
+        wanted = _shapes(abstract_state)
+        differ_all = [k for k in sorted(stored.keys() & wanted.keys()) if stored[k] != wanted[k]]
+        # Name the parameters; the EMA copies and optimizer moments mirror them.
+        named = [k for k in differ_all if k.startswith("params/")] or differ_all
+        differ = [f"  {k}: checkpoint {stored[k]} vs config {wanted[k]}" for k in named]
+        mirrored = len(differ_all) - len(named)
+        only_ckpt = sorted(stored.keys() - wanted.keys())
+        only_cfg = sorted(wanted.keys() - stored.keys())
+        if not (differ or only_ckpt or only_cfg):
+            return
+        lines = [f"checkpoint {self.directory}/{step} was written by a different model config:"]
+        if differ:
+            lines.append(f"{len(differ)} parameter shape(s) differ:")
+            lines += differ[:20] + ([f"  ... and {len(differ) - 20} more"] if len(differ) > 20 else [])
+            if mirrored:
+                lines.append(f"(and {mirrored} EMA / optimizer-state arrays of those parameters)")
+        for what, keys in (("only in the checkpoint", only_ckpt), ("only in the config", only_cfg)):
+            shown = [k for k in keys if k.startswith("params/")] or keys
+            if shown:
+                rest = len(keys) - len(shown)
+                lines.append(f"{len(shown)} {'parameter' if shown[0].startswith('params/') else 'array'}(s) {what}: "
+                             + ", ".join(shown[:10]) + (f", ... ({len(shown) - 10} more)" if len(shown) > 10 else "")
+                             + (f" (and {rest} EMA / optimizer-state arrays of them)" if rest else ""))
+        lines.append("Use the config the run was trained with (its workdir/config.json), or a new --workdir.")
+        raise CheckpointMismatchError("\n".join(lines))
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

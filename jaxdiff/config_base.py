@@ -66,8 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.ckpt_every = 500
     c.train.keep = 3
-    c.train.async_checkpoint = True
+    c.train.async_checkpoint = False    # True: overlap writes with training; a kill -9 mid-write then loses > 1 interval
     c.train.tensorboard = True
+    c.train.nonfinite = "skip"          # NaN/Inf loss or grads: "skip" the update (counted) | "error"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "dpmpp_2m"
@@ -80,3 +81,85 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of a config file given as ``path.py[:variant]`` (as --config takes it)."""
+    import importlib.util
+    import os
+
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found; pass --config=configs/<name>.py[:variant]")
+    mod_spec = importlib.util.spec_from_file_location("_jaxdiff_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def unknown_key_message(config, dotted: str) -> str | None:
+    """Why ``config.<dotted>`` does not exist, listing the valid names where the path breaks;
+    None if it exists."""
+    import difflib
+
+    node, done = config, []
+    for part in dotted.split("."):
+        keys = sorted(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = "config" + "".join("." + d for d in done)
+            if not keys:
+                return f"{where} is a value of type {type(node).__name__}; it has no field {part!r}"
+            close = difflib.get_close_matches(part, keys, n=3)
+            hint = f" Did you mean {' or '.join(where + '.' + c for c in close)}?" if close else ""
+            return f"unknown config key {where}.{part}; valid keys of {where}: {', '.join(keys)}.{hint}"
+        node, done = node[part], done + [part]
+    return None
+
+
+def check_config(config) -> None:
+    """Eager checks of the names and sizes a user types, with messages that say what to do.
+
+    Checks ``data.name``, ``sample.sampler``, ``train.nonfinite``, positive step counts, and that
+    the image size fits the network (UNet downsampling, DiT input size and patches).
+    """
+    from jaxdiff import samplers
+    from jaxdiff.data import DATA_NAMES
+
+    d, m, tc = config.data, config.model, config.train
+    if d.name not in DATA_NAMES:
+        raise ValueError(f"unknown dataset config.data.name={d.name!r}; valid names: {', '.join(DATA_NAMES)} "
+                         "(for a TFDS dataset set data.name='tfds' and data.tfds_name)")
+    sc = config.get("sample")
+    if sc is not None and sc.get("sampler") and sc.sampler not in samplers.available():
+        raise ValueError(f"unknown sampler config.sample.sampler={sc.sampler!r}; valid names: "
+                         f"{', '.join(samplers.available())}")
+    if str(tc.get("nonfinite", "skip")) not in ("skip", "error"):
+        raise ValueError(f"unknown config.train.nonfinite={tc.nonfinite!r}; valid: skip, error")
+    for key in ("batch_size",):
+        if int(d[key]) <= 0:
+            raise ValueError(f"config.data.{key} must be positive, got {d[key]}")
+    for key in ("log_every", "ckpt_every"):
+        if int(tc.get(key, 1)) <= 0:
+            raise ValueError(f"config.train.{key} must be positive, got {tc[key]}")
+    if int(tc.num_steps) < 0:
+        raise ValueError(f"config.train.num_steps must be >= 0, got {tc.num_steps}")
+    if d.get("dim"):
+        return
+    size, channels, name = int(d.image_size), int(d.channels), str(m.name).lower()
+    if name == "unet":
+        factor = 2 ** (len(tuple(m.get("ch_mult", (1, 2, 2, 2)))) - 1)
+        if size % factor:
+            raise ValueError(
+                f"config.data.image_size={size} is not divisible by 2**(len(config.model.ch_mult)-1)={factor}, "
+                f"so the UNet cannot downsample it (ch_mult={tuple(m.ch_mult)}); use fewer ch_mult levels or "
+                "another image size")
+    elif name == "dit":
+        want = (m.get("input_size"), m.get("in_channels"))
+        if want[0] is not None and (int(want[0]), int(want[1] or channels)) != (size, channels):
+            raise ValueError(
+                f"the DiT is configured for {want[0]}x{want[0]}x{want[1]} inputs (config.model.input_size, "
+                f"in_channels) but the data is {size}x{size}x{channels} (config.data.image_size, channels); "
+                "make them equal")
+        patch = m.get("patch_size") or (str(m.variant).rsplit("/", 1)[-1] if m.get("variant") else None)
+        if patch and size % int(patch):
+            raise ValueError(f"config.data.image_size={size} is not divisible by config.model.patch_size={patch}")

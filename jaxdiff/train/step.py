@@ -1,4 +1,12 @@
-"""``train_step(state, batch) -> (state, metrics)``: one optimizer step of the configured loss."""
+"""``train_step(state, batch) -> (state, metrics)``: one optimizer step of the configured loss.
+
+Non-finite guard: if the loss, the gradients or the update hold a NaN/Inf, the step keeps
+params, optimizer state and EMA copies unchanged (a ``jnp.where`` select inside the jitted step,
+so no host sync; like ``optax.apply_if_finite``) and reports ``metrics["nonfinite"] = 1``. The
+step counter still advances, so the next step sees the next batch. ``config.train.nonfinite``
+says what the loop does about it: ``"skip"`` (count it and go on) or ``"error"`` (stop, naming
+the step; see :mod:`jaxdiff.train.loop`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,17 @@ from jaxdiff.losses import diffusion_loss
 from jaxdiff.modeling import build_process, data_shape, net_fn, num_classes
 from jaxdiff.train.state import TrainState, ema_decay
 
-__all__ = ["ema_specs", "make_train_step", "label_dropout"]
+__all__ = ["ema_specs", "make_train_step", "label_dropout", "NONFINITE_MODES", "nonfinite_mode"]
+
+NONFINITE_MODES = ("skip", "error")
+
+
+def nonfinite_mode(config) -> str:
+    """``config.train.nonfinite``, checked: "skip" (default) or "error"."""
+    mode = str(config.train.get("nonfinite", "skip"))
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"unknown train.nonfinite {mode!r}; valid: {', '.join(NONFINITE_MODES)}")
+    return mode
 
 
 def ema_specs(config) -> dict:
@@ -38,6 +56,7 @@ def make_train_step(config, model, tx):
     n_cls = num_classes(config)
     p_drop = float(d.get("class_dropout", 0.0)) if n_cls else 0.0
     specs = ema_specs(config)
+    nonfinite_mode(config)
     batch_size = int(config.data.batch_size)
     channels = data_shape(config)[-1]
     loss_kwargs = dict(
@@ -68,7 +87,14 @@ def make_train_step(config, model, tx):
             )
             for name, spec in specs.items()
         }
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+
+        def keep_if_bad(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        params, opt_state, ema = keep_if_bad((params, opt_state, ema), (state.params, state.opt_state, state.ema))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": jnp.logical_not(ok).astype(jnp.int32)}
         return TrainState(step=step, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
 
     return train_step
