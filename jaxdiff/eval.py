@@ -1,0 +1,363 @@
+"""Evaluate a trained model as the papers do: stream samples through a feature network.
+
+``evaluate_model`` generates ``num`` samples batch by batch (the jitted, batch-sharded sampler of
+:mod:`jaxdiff.generate`), passes each batch through a feature extractor jitted with the same
+sharding (every device extracts the features of its own samples), and folds the features into
+running statistics on the host (:class:`jaxdiff.metrics.fid.StatsAccumulator`, the streaming
+Inception Score, class-accuracy counts). Host memory does not grow with ``num``: only per-batch
+feature vectors reach the host; the optional feature file for KID / precision-recall is a
+memory-mapped ``.npy`` on disk.
+
+``dataset_statistics`` does the same for a dataset, producing the reference ``.npz``
+(``mu``, ``sigma``, optionally ``features``) that pytorch-fid and ADM use.
+
+Feature extractors (:func:`get_extractor`):
+
+* ``"inception"`` -- pytorch-fid's FID InceptionV3 (:mod:`jaxdiff.metrics.inception`), pool3
+  features and 1008 logits. Samples are first quantized to 8 bits, as when they are written to
+  PNG files and read back by pytorch-fid / ADM's evaluator.
+* ``"digits"`` -- the 8x8 digits classifier (:mod:`jaxdiff.metrics.digits_classifier`), 64-d
+  penultimate features and 10 logits; class-conditional samples also get ``class_accuracy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdiff import parallel
+from jaxdiff.metrics import fid as M
+
+__all__ = ["FeatureExtractor", "get_extractor", "EXTRACTORS", "evaluate_model", "dataset_statistics",
+           "compare_to_reference", "restore_for_sampling", "run_eval", "run_stats"]
+
+EXTRACTORS = ("inception", "digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+    """``fn(variables, images) -> {"features": (B, dim), "logits": (B, K)}``: a pure jittable
+    function of the network weights and a batch of images in [-1, 1]. The weights are passed as an
+    argument (not closed over), so they are not baked into the compiled program as constants."""
+
+    name: str
+    fn: Callable
+    variables: Any
+    dim: int
+    quantize: bool = False  # round to 8 bits first (samples as PNG files)
+
+    def apply(self, variables, images):
+        x = jnp.asarray(images, jnp.float32)
+        if self.quantize:
+            x = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+        return self.fn(variables, x)
+
+    def __call__(self, images):
+        return self.apply(self.variables, images)
+
+
+def get_extractor(name: str, *, inception_weights: str | None = None, digits_weights: str | None = None
+                  ) -> FeatureExtractor:
+    """The named feature extractor (``"inception"`` needs converted weights, see
+    :func:`jaxdiff.metrics.inception.resolve_weights_path`)."""
+    if name == "inception":
+        from jaxdiff.metrics import inception
+
+        model = inception.InceptionV3()
+
+        def fn(variables, x):
+            out = model.apply(variables, x)
+            return {"features": out["pool3"], "logits": out["logits"]}
+
+        return FeatureExtractor("inception", fn, inception.load_variables(inception_weights), 2048, quantize=True)
+    if name == "digits":
+        from jaxdiff.metrics import digits_classifier
+
+        model = digits_classifier.DigitsClassifier()
+
+        def fn(params, x):
+            if x.shape[1:] != (8, 8, 1):
+                raise ValueError(f"--features digits scores 8x8x1 digits, got images of shape {x.shape[1:]}")
+            return model.apply({"params": params}, x)
+
+        return FeatureExtractor("digits", fn, digits_classifier.load_params(digits_weights),
+                                digits_classifier.FEATURE_DIM)
+    raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
+
+
+class _Streams:
+    """Host-side accumulators of one stream of (features, logits) batches."""
+
+    def __init__(self, num: int, dim: int, *, splits: int, features_path: str | None, labels=None):
+        self.stats = M.StatsAccumulator()
+        self.inception_score = M.InceptionScoreAccumulator(num, splits) if num >= splits else None
+        self.labels = labels
+        self.correct = 0
+        self.seen = 0
+        self.features = None
+        if features_path:
+            os.makedirs(os.path.dirname(os.path.abspath(features_path)), exist_ok=True)
+            self.features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float32, shape=(num, dim))
+
+    def update(self, feats: np.ndarray, logits: np.ndarray) -> None:
+        n = feats.shape[0]
+        self.stats.update(feats)
+        if self.inception_score is not None:
+            self.inception_score.update(logits)
+        if self.labels is not None:
+            self.correct += int(np.sum(np.argmax(logits, 1) == self.labels[self.seen:self.seen + n]))
+        if self.features is not None:
+            self.features[self.seen:self.seen + n] = feats
+        self.seen += n
+
+    def result(self) -> dict:
+        mu, sigma = self.stats.result()
+        out = {"mu": mu, "sigma": sigma}
+        if self.inception_score is not None:
+            out["inception_score"], out["inception_score_std"] = self.inception_score.result()
+        if self.labels is not None:
+            out["class_accuracy"] = self.correct / self.seen
+        if self.features is not None:
+            self.features.flush()
+            out["features"] = self.features
+        return out
+
+
+def _on_mesh(tree, mesh):
+    """``tree`` as it is where it already lives on ``mesh``'s devices, else replicated onto them."""
+    devices = set(mesh.devices.flat)
+    replicated = parallel.replicated(mesh)
+
+    def place(a):
+        sharding = getattr(a, "sharding", None)
+        return a if sharding is not None and set(sharding.device_set) == devices else jax.device_put(a, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+def _jit_extractor(extractor: FeatureExtractor, mesh):
+    """``extract(images)``: the extractor jitted with the batch split over ``mesh`` (each device
+    extracts the features of its own images), weights replicated."""
+    sharding = parallel.batch_sharding(mesh)
+    fn = jax.jit(extractor.apply, in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
+    variables = _on_mesh(extractor.variables, mesh)
+    return lambda images: fn(variables, images)
+
+
+def evaluate_model(config, model, params, num: int, key, *, sampler: str, num_steps: int,
+                   extractor: FeatureExtractor, batch_size: int = 256, labels=None, grid_kind=None,
+                   features_path: str | None = None, splits: int = 10, progress: bool = True, mesh=None,
+                   **options) -> dict:
+    """Streams ``num`` samples through ``extractor``; returns ``{"mu", "sigma", "inception_score",
+    "inception_score_std", ["class_accuracy"], ["features"]}``.
+
+    Batch ``b`` uses ``fold_in(key, b)`` and labels ``0, 1, ..., C-1, 0, ...`` (class-conditional
+    models), exactly as :func:`jaxdiff.generate.generate` does, so the samples are the ones
+    ``generate`` returns. ``features_path``: also write all features to that ``.npy`` (memory-mapped).
+    """
+    from jaxdiff.generate import class_labels, make_sample_fn
+
+    mesh = mesh or parallel.make_mesh()
+    batch = int(math.ceil(min(int(batch_size), num) / mesh.size) * mesh.size)
+    sample = make_sample_fn(config, model, sampler, num_steps, batch, grid_kind=grid_kind, mesh=mesh, **options)
+    extract = _jit_extractor(extractor, mesh)
+    params = _on_mesh(params, mesh)
+    if labels is None:
+        labels = class_labels(config, num)
+    streams = _Streams(num, extractor.dim, splits=splits, features_path=features_path,
+                       labels=None if labels is None else np.asarray(labels))
+    n_batches = int(math.ceil(num / batch))
+    for b in tqdm(range(n_batches), desc=f"eval ({sampler}, {num_steps} steps, {extractor.name})",
+                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
+        y = None
+        if labels is not None:
+            y = jnp.asarray(np.resize(np.asarray(labels[b * batch:(b + 1) * batch], np.int32), batch))
+        out = extract(sample(params, jax.random.fold_in(key, b), y))
+        keep = min(batch, num - b * batch)
+        streams.update(parallel.gather_to_host(out["features"])[:keep],
+                       parallel.gather_to_host(out["logits"])[:keep])
+    return streams.result()
+
+
+def dataset_statistics(source, extractor: FeatureExtractor, *, batch_size: int = 256, splits: int = 10,
+                       features_path: str | None = None, progress: bool = True, mesh=None) -> dict:
+    """Feature statistics of every example of ``source`` (a :mod:`jaxdiff.data` source: ``len`` and
+    ``source[indices]["image"]`` in [-1, 1]), in order, streamed batch by batch.
+
+    Single-process: the batches are host arrays of the whole global batch (multi-host runs would
+    need each process to feed its own shard, as the trainer does; not implemented)."""
+    mesh = mesh or parallel.make_mesh()
+    num = len(source)
+    batch = int(math.ceil(min(int(batch_size), num) / mesh.size) * mesh.size)
+    extract = _jit_extractor(extractor, mesh)
+    labels = getattr(source, "labels", None)
+    streams = _Streams(num, extractor.dim, splits=splits, features_path=features_path)
+    correct = 0
+    for start in tqdm(range(0, num, batch), desc=f"reference statistics ({extractor.name})",
+                      disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
+        idx = np.arange(start, min(start + batch, num))
+        images = np.asarray(source[idx]["image"], np.float32)
+        keep = images.shape[0]
+        if keep < batch:  # one compiled shape: pad the last batch
+            images = np.concatenate([images, np.zeros((batch - keep,) + images.shape[1:], np.float32)])
+        out = extract(jnp.asarray(images))
+        logits = parallel.gather_to_host(out["logits"])[:keep]
+        streams.update(parallel.gather_to_host(out["features"])[:keep], logits)
+        if labels is not None:
+            correct += int(np.sum(np.argmax(logits, 1) == np.asarray(labels)[idx]))
+    result = streams.result()
+    result["num"] = num
+    if labels is not None and extractor.name == "digits":
+        result["class_accuracy"] = correct / num
+    return result
+
+
+def compare_to_reference(result: dict, ref: dict, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                         pr_k: int = 3) -> dict:
+    """Scalar metrics of an :func:`evaluate_model` result against reference statistics
+    (:func:`jaxdiff.metrics.fid.load_stats`): FID always; KID and precision / recall when both
+    sides have ``features``; IS and class accuracy carried over."""
+    out = {"fid": M.frechet_distance(result["mu"], result["sigma"], ref["mu"], ref["sigma"])}
+    for k in ("inception_score", "inception_score_std", "class_accuracy"):
+        if k in result:
+            out[k] = float(result[k])
+    if result.get("features") is not None and ref.get("features") is not None:
+        out["kid"], out["kid_std"] = M.kernel_inception_distance(
+            result["features"], ref["features"], num_subsets=kid_subsets, subset_size=kid_subset_size)
+        out["precision"], out["recall"] = M.precision_recall(ref["features"], result["features"], k=pr_k)
+    return out
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The `jaxdiff eval` / `jaxdiff stats` commands
+# ------------------------------------------------------------------------------------------------
+
+def restore_for_sampling(workdir: str, which: str = ""):
+    """``(config, model, params, step)`` of the latest checkpoint of a ``jaxdiff train`` workdir
+    (the EMA copy ``which``, default the first one, as ``jaxdiff sample`` does)."""
+    from jaxdiff.checkpoint import CheckpointManager, load_config_json
+    from jaxdiff.modeling import build_model
+    from jaxdiff.train.loop import make_init_fn, sampling_params
+    from jaxdiff.train.state import make_optimizer
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: is {workdir} a jaxdiff train workdir?")
+    config = load_config_json(cfg_path)
+    ckpt = CheckpointManager(workdir, save_every=1)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+        model = build_model(config)
+        abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.optim)), jax.random.PRNGKey(0))
+        state = ckpt.restore(abstract, step)
+    finally:
+        ckpt.close()
+    return config, model, sampling_params(state, which or config.sample.get("params")), int(step)
+
+
+def _json_ready(d: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in d.items()
+            if not isinstance(v, np.ndarray)}
+
+
+def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int | None = None,
+             ref: str | None = None, features: str = "inception", inception_weights: str | None = None,
+             batch_size: int = 256, seed: int = 1, which: str = "", out: str | None = None,
+             progress: bool = True) -> dict:
+    """``jaxdiff eval``: sample ``num`` images from ``workdir``'s latest checkpoint, score them
+    against the reference statistics ``ref`` and write the result to a JSON file.
+
+    With ``features="digits"`` and no ``ref``, the reference is the digits the model trained on
+    (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
+    ``features`` (``jaxdiff stats --save_features``); the samples' features then go to a
+    memory-mapped ``.npy`` next to the JSON file.
+    """
+    import json
+
+    t0 = time.time()
+    extractor = get_extractor(features, inception_weights=inception_weights)  # missing weights: fail first
+    config, model, params, step = restore_for_sampling(workdir, which)
+    sampler = sampler or config.sample.sampler
+    steps = int(steps or config.sample.steps)
+    if ref:
+        reference = M.load_stats(ref)
+    elif features == "digits":
+        from jaxdiff.data import make_source
+
+        reference = dataset_statistics(make_source(config.data, "train"), extractor, progress=False)
+        ref = f"{config.data.name} train split"
+    else:
+        raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
+    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}.json")
+    feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None
+    result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
+                            num_steps=steps, extractor=extractor, batch_size=batch_size,
+                            features_path=feats_path, progress=progress)
+    summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": steps,
+               "num_samples": int(num), "seed": int(seed), "features": features, "ref": ref,
+               **compare_to_reference(result, reference)}
+    summary["eval_seconds"] = round(time.time() - t0, 1)
+    summary = _json_ready(summary)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(summary, f, indent=2)
+    summary["out"] = out
+    return summary
+
+
+def run_stats(source, out: str, *, features: str = "inception", inception_weights: str | None = None,
+              batch_size: int = 256, save_features: bool = False, progress: bool = True) -> dict:
+    """``jaxdiff stats``: reference statistics of a dataset source -> ``out`` (.npz: mu, sigma
+    [, features])."""
+    extractor = get_extractor(features, inception_weights=inception_weights)
+    feats_path = os.path.splitext(out)[0] + "_features.npy" if save_features else None
+    result = dataset_statistics(source, extractor, batch_size=batch_size, features_path=feats_path,
+                                progress=progress)
+    feats = np.asarray(result["features"]) if save_features else None
+    if jax.process_index() == 0:
+        M.save_stats(out, result["mu"], result["sigma"], features=feats)
+    if feats_path and os.path.exists(feats_path):
+        del result["features"]
+        os.remove(feats_path)
+    summary = {"out": out, "num": result["num"], "features": features, "dim": extractor.dim}
+    for k in ("inception_score", "inception_score_std", "class_accuracy"):
+        if k in result:
+            summary[k] = float(result[k])
+    return summary
+
+
+def digits_score(config, images) -> dict | None:
+    """``{"digits_fd", "digits_accuracy", "digits_num"}`` of samples of a digits config, else None.
+
+    ``digits_fd``: Frechet distance between the digits classifier's features of ``images`` and of
+    the training digits (the config's ``train`` split); ``digits_accuracy`` (class-conditional
+    configs): the fraction classified as the label they were generated with (labels
+    ``0, 1, ..., 9, 0, ...``, as :func:`jaxdiff.generate.generate` assigns them). The FD of
+    N samples is biased upwards at small N; compare it with real held-out digits at the same N
+    (README, "Evaluation").
+    """
+    images = np.asarray(images)
+    if config.data.get("name") != "digits" or images.ndim != 4 or images.shape[1:] != (8, 8, 1) or len(images) < 2:
+        return None
+    from jaxdiff.data import make_source
+    from jaxdiff.generate import class_labels
+    from jaxdiff.metrics import digits_classifier as D
+
+    train_images = make_source(config.data, "train").images
+    out = {"digits_fd": D.digits_frechet_distance(images, train_images), "digits_num": int(len(images))}
+    labels = class_labels(config, len(images))
+    if labels is not None:
+        out["digits_accuracy"] = D.class_accuracy(images, labels)
+    return out
