@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .conv import Conv
 from .layers import (
     LabelEmbedder,
     Norm32,
@@ -138,6 +139,9 @@ class DiT(nn.Module):
       float32 ``(B, H, W, 2 * in_channels if learn_sigma else in_channels)``.
 
     Use :func:`dit` for the paper's presets (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...).
+
+    ``conv_impl`` (``"auto"`` / ``"xla"`` / ``"matmul"``) selects the patch-embedding conv's
+    kernel gradient (:mod:`jaxdiff.nets.conv`); values and parameters do not depend on it.
     """
 
     input_size: int = 32
@@ -150,6 +154,7 @@ class DiT(nn.Module):
     num_classes: int = 1000
     learn_sigma: bool = True
     dropout: float = 0.0
+    conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -180,9 +185,10 @@ class DiT(nn.Module):
         gh, gw = height // p, width // p
 
         # Patchify + fixed 2-D sin-cos position embedding.
-        h = nn.Conv(
+        h = Conv(
             d,
             (p, p),
+            conv_impl=self.conv_impl,
             strides=(p, p),
             padding="VALID",
             kernel_init=_patch_kernel_init,

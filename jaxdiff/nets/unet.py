@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .conv import Conv
 from .layers import (
     LabelEmbedder,
     Norm32,
@@ -41,8 +42,9 @@ from .layers import (
 Dtype = Any
 
 
-def _conv(features, name, *, kernel=3, stride=1, zero_init=False, dtype, param_dtype):
-    return nn.Conv(
+def _conv(features, name, *, kernel=3, stride=1, zero_init=False, conv_impl="auto", dtype,
+          param_dtype):
+    return Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
@@ -51,6 +53,7 @@ def _conv(features, name, *, kernel=3, stride=1, zero_init=False, dtype, param_d
         bias_init=zeros,
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_impl=conv_impl,
         name=name,
     )
 
@@ -87,6 +90,7 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     norm_groups: int = 32
     resample: str | None = None  # None | "down" | "up"
+    conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -101,11 +105,11 @@ class ResnetBlock(nn.Module):
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.resample is not None:
             raise ValueError(f"resample must be None, 'down' or 'up', got {self.resample!r}")
-        h = _conv(self.out_ch, "conv1", **kw)(h)
+        h = _conv(self.out_ch, "conv1", conv_impl=self.conv_impl, **kw)(h)
         h = h + _dense(self.out_ch, "temb_proj", **kw)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(Norm32(self.norm_groups, **kw, name="norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_ch, "conv2", zero_init=True, **kw)(h)
+        h = _conv(self.out_ch, "conv2", zero_init=True, conv_impl=self.conv_impl, **kw)(h)
         if c_in != self.out_ch:
             x = _dense(self.out_ch, "nin_shortcut", **kw)(x)
         return x.astype(self.dtype) + h
@@ -176,6 +180,9 @@ class UNet(nn.Module):
       norm_groups: maximum GroupNorm groups: a C-channel norm uses the largest divisor of C
         that is <= norm_groups and leaves >= 4 channels per group (32 for DDPM widths; see
         ``layers.group_norm_groups``).
+      conv_impl: ``"auto"`` (default: the tap-matmul kernel gradient of
+        :mod:`jaxdiff.nets.conv` on the CPU backend, XLA's native convolution gradient on
+        GPU / TPU), ``"xla"`` or ``"matmul"``. Forward values and parameters are identical.
     """
 
     ch: int = 128
@@ -189,6 +196,7 @@ class UNet(nn.Module):
     out_channels: int | None = None
     resblock_updown: bool = False
     norm_groups: int = 32
+    conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -213,7 +221,7 @@ class UNet(nn.Module):
 
         def res_block(h, out, name, resample=None):
             return ResnetBlock(
-                out, self.dropout, self.norm_groups, resample, **kw, name=name
+                out, self.dropout, self.norm_groups, resample, self.conv_impl, **kw, name=name
             )(h, temb, train=train)
 
         def attn(h, name):
@@ -235,7 +243,8 @@ class UNet(nn.Module):
             )(labels)
 
         # Downsampling
-        hs = [_conv(self.ch, "conv_in", **kw)(x)]
+        ckw = dict(kw, conv_impl=self.conv_impl)
+        hs = [_conv(self.ch, "conv_in", **ckw)(x)]
         for i_level in range(n_levels):
             level_ch = self.ch * self.ch_mult[i_level]
             for i_block in range(self.num_res_blocks):
@@ -248,7 +257,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res_block(h, h.shape[-1], f"down_{i_level}_downsample", resample="down")
                 else:
-                    h = _conv(h.shape[-1], f"down_{i_level}_downsample", stride=2, **kw)(h)
+                    h = _conv(h.shape[-1], f"down_{i_level}_downsample", stride=2, **ckw)(h)
                 hs.append(h)
 
         # Middle
@@ -270,10 +279,10 @@ class UNet(nn.Module):
                     h = res_block(h, h.shape[-1], f"up_{i_level}_upsample", resample="up")
                 else:
                     h = _upsample_nearest(h)
-                    h = _conv(h.shape[-1], f"up_{i_level}_upsample", **kw)(h)
+                    h = _conv(h.shape[-1], f"up_{i_level}_upsample", **ckw)(h)
         assert not hs
 
         # End
         h = nn.swish(Norm32(self.norm_groups, **kw, name="norm_out")(h))
-        h = _conv(out_ch, "conv_out", zero_init=True, **kw)(h)
+        h = _conv(out_ch, "conv_out", zero_init=True, **ckw)(h)
         return h.astype(jnp.float32)

@@ -1,0 +1,164 @@
+"""Shared pieces of the jaxdiff-vs-PyTorch benchmarks (scripts, not tests).
+
+* :func:`machine_info` -- CPU model, cores, load average, versions of jax / jaxlib / flax /
+  torch / diffusers, XLA flags and thread counts;
+* :func:`median_time` -- median wall time of ``fn()`` over repeats after warm-up, with
+  ``jax.block_until_ready`` on the result;
+* :data:`UNET` and :func:`diffusers_unet_config` -- one UNet configuration expressed for
+  jaxdiff's :class:`jaxdiff.nets.UNet` and for diffusers' ``UNet2DModel``;
+* :func:`emit` -- print a result dict as one JSON line (and append it to ``--json`` if given).
+
+Thread counts: XLA:CPU runs its intra-op work on one thread per core (2 here); the scripts call
+``torch.set_num_threads(THREADS)`` with the same count. No XLA flags are set by the scripts;
+``XLA_FLAGS`` from the environment is recorded in the machine info.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+THREADS = os.cpu_count() or 1
+
+# One UNet, in jaxdiff's fields. DDPM architecture (Ho et al. 2020) at a CPU-sized width:
+# 4 levels, 2 residual blocks per level, single-head self-attention at 16x16 and in the middle.
+# norm_groups=16 so that every GroupNorm has the same group count in both implementations
+# (diffusers uses norm_num_groups for every norm, jaxdiff the largest divisor <= norm_groups
+# leaving >= 4 channels per group; for multiples of 64 channels both give 16).
+UNET = dict(
+    name="unet", ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+    dropout=0.1, norm_groups=16,
+)
+IMAGE_SIZE, CHANNELS = 32, 3
+
+
+def diffusers_unet_config(unet: dict = UNET, image_size: int = IMAGE_SIZE, channels: int = CHANNELS):
+    """diffusers ``UNet2DModel`` kwargs for the jaxdiff UNet fields ``unet``.
+
+    The mapping is the one of diffusers' own DDPM conversion (``google/ddpm-cifar10-32``):
+    positional time embedding with ``flip_sin_to_cos=False, freq_shift=1``, ``norm_eps=1e-6``,
+    ``downsample_padding=0`` (TF "SAME" for the stride-2 conv), one attention head of full
+    width, ``AttnDownBlock2D`` / ``AttnUpBlock2D`` at the attention resolutions.
+    """
+    levels = len(unet["ch_mult"])
+    res = [image_size // 2**i for i in range(levels)]
+    attn = set(unet["attn_resolutions"])
+    down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in res)
+    up = tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(res))
+    return dict(
+        sample_size=image_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(unet["ch"] * m for m in unet["ch_mult"]),
+        down_block_types=down, up_block_types=up, layers_per_block=unet["num_res_blocks"],
+        attention_head_dim=None, norm_num_groups=unet["norm_groups"], norm_eps=1e-6,
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, act_fn="silu",
+        time_embedding_type="positional", dropout=unet["dropout"],
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _version(mod: str) -> str | None:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "?")
+    except Exception:  # noqa: BLE001 -- a missing optional package is reported as None
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine and software description, recorded with every result."""
+    import jax
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "load_avg_1_5_15": load_average(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "optax": _version("optax"),
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "jax_backend": jax.default_backend(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "torch_threads": THREADS,
+    }
+
+
+def setup_torch():
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    return torch
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Median wall time of ``fn()`` (its result passed to ``jax.block_until_ready``).
+
+    Returns ``{"median_s", "times_s", "warmup_s", "median_cpu_s"}``; ``warmup_s`` includes any
+    compilation; ``median_cpu_s`` is the process CPU time (all threads) per call.
+    """
+    import jax
+
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        warm.append(time.perf_counter() - t0)
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {
+        "median_s": statistics.median(times),
+        "times_s": [round(t, 4) for t in times],
+        "warmup_s": [round(t, 3) for t in warm],
+        # Process CPU time (all threads) per call: on a machine shared with other jobs,
+        # cpu_s / cores is a rough stand-in for the unloaded wall time.
+        "median_cpu_s": statistics.median(cpu),
+    }
+
+
+def count_torch_params(module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def emit(result: dict[str, Any], json_path: str | None = None) -> None:
+    """Print ``result`` as one JSON line on stdout (and append it to ``json_path``)."""
+    line = json.dumps(result, default=str)
+    print(line)
+    sys.stdout.flush()
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

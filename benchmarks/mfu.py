@@ -1,0 +1,113 @@
+"""Model FLOPs utilisation (MFU) of jaxdiff's train step against the measured matmul peak.
+
+MFU = (FLOPs of one compiled train step, from XLA's cost analysis) / (median step time)
+      / (measured peak: median FLOP/s of a large float32 matmul in JAX on the same machine).
+
+The peak is *measured*, not a datasheet number: ``--matmul-n`` square float32 matrices
+(4096 by default, 2 n^3 FLOPs), median over repeats; PyTorch's rate for the same matmul is
+printed for reference. The train step is the one of ``training_vs_torch.py`` (UNet of
+``common.UNET``, AdamW, batch 32) or, with ``--model dit-b2``, DiT-B/2 on 32x32x4 latents.
+
+    python benchmarks/mfu.py [--model unet|dit-b2] [--batch 32] [--repeats 3] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import training_vs_torch  # noqa: E402
+
+DIT_B2 = dict(name="dit", variant="B/2", input_size=32, in_channels=4, num_classes=1000,
+              learn_sigma=True)
+
+
+def matmul_peak_jax(n: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    t = common.median_time(lambda: f(a, b), repeats=repeats, warmup=1)
+    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n)
+
+
+def matmul_peak_torch(n: int, repeats: int) -> dict:
+    torch = common.setup_torch()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = common.median_time(lambda: (a @ b).sum().item(), repeats=repeats, warmup=1)
+    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n)
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of a compiled executable, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl: str,
+                   dtype: str) -> dict:
+    unet = dict(common.UNET) if model == "unet" else dict(DIT_B2)
+    unet["dtype"] = dtype
+    if model != "unet":
+        # DiT: latents of 4 channels at 32x32 (the data fields are set from the net config).
+        common.IMAGE_SIZE, common.CHANNELS = DIT_B2["input_size"], DIT_B2["in_channels"]
+    else:
+        unet["conv_impl"] = conv_impl
+    step_fn, state, data, n_params = training_vs_torch.jaxdiff_train_step(batch, conv_impl, unet)
+    compiled = step_fn.lower(state, data).compile()  # compiled once: timed and cost-analysed
+    flops = compiled_flops(compiled)
+    step_fn = compiled
+    box = [state]
+
+    def one():
+        box[0], metrics = step_fn(box[0], data)
+        return metrics["loss"]
+
+    t = common.median_time(one, repeats=repeats, warmup=warmup)
+    return dict(t, flops_per_step=flops, flops_per_s=flops / t["median_s"], params=n_params)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="unet", choices=("unet", "dit-b2"))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--matmul-n", type=int, default=4096)
+    ap.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
+    ap.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    info = common.machine_info()
+    common.log(f"machine: {info}")
+    peak = matmul_peak_jax(args.matmul_n, max(args.repeats, 3))
+    common.log(f"jax float32 matmul {args.matmul_n}^2: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    result = dict(benchmark="mfu", model=args.model, batch=args.batch, dtype=args.dtype,
+                  conv_impl=args.conv_impl, matmul_peak_jax=peak, machine=info)
+    if not args.skip_torch:
+        tp = matmul_peak_torch(args.matmul_n, max(args.repeats, 3))
+        common.log(f"torch float32 matmul {args.matmul_n}^2: {tp['flops_per_s'] / 1e9:.1f} GFLOP/s")
+        result["matmul_peak_torch"] = tp
+    step = train_step_mfu(args.model, args.batch, args.repeats, args.warmup, args.conv_impl,
+                          args.dtype)
+    mfu = step["flops_per_s"] / peak["flops_per_s"]
+    common.log(f"train step ({args.model}, {step['params']:,} params, batch {args.batch}): "
+               f"{step['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA cost analysis), median "
+               f"{step['median_s']:.3f} s -> {step['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+               f"{100 * mfu:.1f}% of the measured matmul peak (target >= 50%)")
+    result.update(train_step=step, mfu=mfu, load_avg_end=common.load_average())
+    common.emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Training throughput: jaxdiff's train step vs the same UNet trained by PyTorch, same run.
+
+Both sides train the UNet of ``common.UNET`` (jaxdiff ``UNet`` / diffusers ``UNet2DModel``,
+parameter counts printed and checked equal) on DDPM's epsilon loss (Ho et al. 2020, Eq. 14;
+linear betas, T = 1000) at batch 32, 32x32x3, with AdamW (lr 2e-4), global-norm clipping at 1
+and one EMA copy (0.999) -- what ``configs/cifar10_ddpm.py`` runs, at a CPU-sized width.
+
+* jaxdiff: ``jaxdiff.train.step.make_train_step`` jitted with ``donate_argnums=(0,)`` as in
+  ``jaxdiff.train.loop``; the batch is already on the device;
+* PyTorch: forward, ``loss.backward()``, ``clip_grad_norm_``, ``AdamW.step()``, EMA update by
+  ``torch._foreach_lerp_``.
+
+Prints steps/s of each, the ratio jaxdiff / PyTorch, medians over ``--repeats`` timed steps after
+``--warmup`` steps, and a JSON line. ``--conv-impl xla`` measures jaxdiff with XLA's native
+convolution gradient instead of the CPU default (``auto`` = tap-matmul kernel gradient).
+
+    python benchmarks/training_vs_torch.py [--batch 32] [--repeats 5] [--conv-impl auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def jaxdiff_config(batch: int, conv_impl: str = "auto", unet: dict | None = None):
+    """The jaxdiff experiment config of this benchmark (cifar10_ddpm with a smaller UNet)."""
+    import ml_collections
+
+    from jaxdiff.config_base import base_config
+
+    c = base_config()
+    c.data.image_size, c.data.channels, c.data.batch_size = common.IMAGE_SIZE, common.CHANNELS, batch
+    c.model = ml_collections.ConfigDict(dict(unet or common.UNET, conv_impl=conv_impl))
+    c.diffusion.process = {"name": "discrete_vp", "beta_schedule": "linear", "beta_start": 1e-4,
+                           "beta_end": 0.02}
+    c.diffusion.prediction = "epsilon"
+    c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip = 2e-4, 0, 1.0
+    c.ema.decays = (0.999,)
+    return c
+
+
+def jaxdiff_train_step(batch: int, conv_impl: str = "auto", unet: dict | None = None):
+    """``(step_fn, state, batch_dict, n_params)``: the jitted, donating trainer step and inputs."""
+    import jax
+    import numpy as np
+
+    from jaxdiff.modeling import build_model
+    from jaxdiff.train.loop import make_init_fn
+    from jaxdiff.train.state import make_optimizer
+    from jaxdiff.train.step import make_train_step
+
+    config = jaxdiff_config(batch, conv_impl, unet)
+    model = build_model(config)
+    tx = make_optimizer(config.optim)
+    state = jax.jit(make_init_fn(config, model, tx))(jax.random.PRNGKey(0))
+    step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    data = {
+        "image": jax.device_put(rng.standard_normal((batch, common.IMAGE_SIZE, common.IMAGE_SIZE,
+                                                     common.CHANNELS), np.float32)),
+        "label": jax.device_put(np.zeros((batch,), np.int32)),
+    }
+    n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
+    return step_fn, state, data, n_params
+
+
+def bench_jaxdiff(batch: int, repeats: int, warmup: int, conv_impl: str) -> dict:
+    import jax
+
+    step_fn, state, data, n_params = jaxdiff_train_step(batch, conv_impl)
+    box = [state]
+
+    def one():
+        box[0], metrics = step_fn(box[0], data)
+        return metrics["loss"]
+
+    t = common.median_time(one, repeats=repeats, warmup=warmup)
+    loss = float(jax.device_get(one()))
+    return dict(t, steps_per_s=1.0 / t["median_s"], params=n_params, final_loss=loss)
+
+
+def bench_torch(batch: int, repeats: int, warmup: int) -> dict:
+    torch = common.setup_torch()
+    from diffusers import UNet2DModel
+
+    net = UNet2DModel(**common.diffusers_unet_config()).train()
+    ema = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0).float()
+    x0 = torch.randn(batch, common.CHANNELS, common.IMAGE_SIZE, common.IMAGE_SIZE)
+    params = list(net.parameters())
+
+    def one():
+        t = torch.randint(0, 1000, (batch,))
+        eps = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.mean((net(xt, t).sample - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - 0.999)
+        return loss.item()
+
+    t = common.median_time(one, repeats=repeats, warmup=warmup)
+    return dict(t, steps_per_s=1.0 / t["median_s"], params=common.count_torch_params(net),
+                final_loss=float(one()))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--json", default=None, help="append the JSON line to this file")
+    args = ap.parse_args(argv)
+
+    info = common.machine_info()
+    common.log(f"machine: {info}")
+    jx = bench_jaxdiff(args.batch, args.repeats, args.warmup, args.conv_impl)
+    common.log(f"jaxdiff ({args.conv_impl}): {jx['params']:,} params, "
+               f"{jx['steps_per_s']:.3f} steps/s (median {jx['median_s']:.3f} s, {jx['times_s']})")
+    result = dict(benchmark="training_vs_torch", batch=args.batch, conv_impl=args.conv_impl,
+                  unet=common.UNET, jaxdiff=jx, machine=info)
+    if not args.skip_torch:
+        th = bench_torch(args.batch, args.repeats, args.warmup)
+        common.log(f"torch: {th['params']:,} params, {th['steps_per_s']:.3f} steps/s "
+                   f"(median {th['median_s']:.3f} s, {th['times_s']})")
+        if th["params"] != jx["params"]:
+            common.log(f"WARNING: parameter counts differ: jaxdiff {jx['params']:,} vs "
+                       f"torch {th['params']:,}")
+        result["torch"] = th
+        result["params_equal"] = th["params"] == jx["params"]
+        result["ratio_jaxdiff_over_torch"] = jx["steps_per_s"] / th["steps_per_s"]
+        common.log(f"ratio jaxdiff / torch (steps/s): {result['ratio_jaxdiff_over_torch']:.2f}x "
+                   f"(target >= 1.2x)")
+    result["load_avg_end"] = common.load_average()
+    common.emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The tap-matmul convolution (jaxdiff.nets.conv) against lax.conv_general_dilated.
+
+Reference: XLA's own convolution and its autodiff gradients (``lax.conv_general_dilated``),
+an independent implementation of the same operator.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from jaxdiff.nets import UNet
+from jaxdiff.nets.conv import Conv, conv_general_dilated, resolve_conv_impl, uses_matmul_grad
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def _grads(fn, x, k, b, g):
+    def f(x, k, b):
+        return fn(x, k) + b[None, None, None, :]
+
+    y, vjp = jax.vjp(f, x, k, b)
+    return (y,) + vjp(g)
+
+
+# (batch, H, W, C_in, C_out, kernel, stride, padding): UNet channel counts (conv_in 3->128,
+# 128->128, 128->256, 256->256), the stride-2 downsample, a 1x1, DiT's patchify, odd sizes,
+# explicit asymmetric padding.
+CASES = [
+    (2, 8, 8, 3, 128, 3, 1, "SAME"),
+    (2, 8, 8, 128, 128, 3, 1, "SAME"),
+    (1, 4, 4, 128, 256, 3, 1, "SAME"),
+    (2, 8, 8, 256, 256, 3, 2, "SAME"),
+    (2, 6, 6, 16, 8, 1, 1, "SAME"),
+    (2, 8, 8, 4, 24, 2, 2, "VALID"),
+    (3, 9, 7, 5, 6, 3, 2, "VALID"),
+    (1, 6, 5, 4, 4, 3, 1, ((2, 0), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c[:8]) for c in CASES])
+def test_forward_and_gradients_match_lax(case):
+    bsz, h, w, cin, cout, ks, s, pad = case
+    kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (bsz, h, w, cin))
+    k = jax.random.normal(kk, (ks, ks, cin, cout)) / np.sqrt(ks * ks * cin)
+    b = jax.random.normal(kb, (cout,))
+    ref_fn = lambda x, k: lax.conv_general_dilated(x, k, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    new_fn = lambda x, k: conv_general_dilated(  # noqa: E731
+        x, k, (s, s), pad, dimension_numbers=DN, impl="matmul"
+    )
+    out_shape = jax.eval_shape(ref_fn, x, k).shape
+    g = jax.random.normal(kg, out_shape)
+    ref = jax.jit(lambda *a: _grads(ref_fn, *a))(x, k, b, g)
+    new = jax.jit(lambda *a: _grads(new_fn, *a))(x, k, b, g)
+    for name, r, n in zip(("output", "d_input", "d_kernel", "d_bias"), ref, new):
+        assert r.shape == n.shape, name
+        assert _rel(r, n) < 1e-5, (name, _rel(r, n))
+
+
+def test_custom_vjp_is_actually_used():
+    """The kernel gradient of the fast path contains no convolution (it is matmuls)."""
+    x = jnp.ones((1, 4, 4, 2))
+    k = jnp.ones((3, 3, 2, 2))
+    f = lambda impl: lambda k: conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=DN, impl=impl
+    ).sum()
+    fast = jax.jit(jax.grad(f("matmul"))).lower(k).as_text()
+    native = jax.jit(jax.grad(f("xla"))).lower(k).as_text()
+    assert "convolution" in native
+    assert "convolution" not in fast and "dot_general" in fast
+
+
+def test_vmap_and_second_use_under_grad():
+    """vmap over an extra batch axis and grad of a function of the gradient-path output."""
+    kx, kk = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (3, 2, 6, 6, 4))
+    k = jax.random.normal(kk, (3, 3, 4, 8)) * 0.2
+
+    def loss(impl):
+        def per(xi, k):
+            y = conv_general_dilated(xi, k, (1, 1), "SAME", dimension_numbers=DN, impl=impl)
+            return jnp.sum(jnp.tanh(y) ** 2)
+
+        return lambda k: jax.vmap(per, in_axes=(0, None))(x, k).sum()
+
+    g_ref = jax.jit(jax.grad(loss("xla")))(k)
+    g_new = jax.jit(jax.grad(loss("matmul")))(k)
+    assert _rel(g_ref, g_new) < 1e-5
+
+
+def test_bfloat16_close_to_lax():
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (2, 8, 8, 32)).astype(jnp.bfloat16)
+    k = (jax.random.normal(kk, (3, 3, 32, 16)) * 0.1).astype(jnp.bfloat16)
+
+    def grads(impl):
+        f = lambda x, k: conv_general_dilated(  # noqa: E731
+            x, k, (1, 1), "SAME", dimension_numbers=DN, impl=impl
+        ).astype(jnp.float32).sum()
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, k)
+
+    ref, new = grads("xla"), grads("matmul")
+    assert new[1].dtype == jnp.bfloat16 and new[0].dtype == jnp.bfloat16
+    assert _rel(ref[0], new[0]) < 1e-2
+    assert _rel(ref[1], new[1]) < 1e-2
+
+
+def test_flax_conv_params_identical_to_nn_conv():
+    x = jnp.ones((1, 8, 8, 3))
+    ours = Conv(16, (3, 3), strides=(2, 2), padding="SAME", conv_impl="matmul")
+    theirs = nn.Conv(16, (3, 3), strides=(2, 2), padding="SAME")
+    p1 = ours.init(jax.random.key(0), x)
+    p2 = theirs.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, p1) == jax.tree.map(jnp.shape, p2)
+    xr = jax.random.normal(jax.random.key(3), x.shape)
+    np.testing.assert_allclose(ours.apply(p2, xr), theirs.apply(p2, xr), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_unet_gradients_same_for_both_impls():
+    """A whole (tiny) UNet: parameter gradients of conv_impl='matmul' equal those of 'xla'."""
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 1))
+    t = jnp.array([3.0, 500.0])
+    kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    ref_model = UNet(**kw, conv_impl="xla")
+
+    @jax.jit
+    def init(key):
+        params = ref_model.init(key, x, t)["params"]
+        # conv2 / conv_out are zero-initialised; perturb every parameter so all gradients flow.
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(6), len(leaves))
+        return jax.tree.unflatten(
+            tree, [p + 0.05 * jax.random.normal(kk, p.shape) for p, kk in zip(leaves, keys)]
+        )
+
+    params = init(jax.random.key(5))
+
+    def grad_of(impl):
+        model = UNet(**kw, conv_impl=impl)
+        loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, t) - x))  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    g_ref, g_new = grad_of("xla"), grad_of("matmul")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g_new)):
+        assert _rel(a, b) < 1e-5, jax.tree_util.keystr(path)
+
+
+def test_backend_selection_and_errors():
+    assert resolve_conv_impl("xla") == "xla"
+    assert resolve_conv_impl("matmul") == "matmul"
+    expected = "matmul" if jax.default_backend() == "cpu" else "xla"
+    assert resolve_conv_impl("auto") == expected
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match="conv_impl"):
+        UNet(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), conv_impl="bad").init(
+            jax.random.key(0), jnp.ones((1, 4, 4, 1)), jnp.zeros((1,))
+        )
+    # Ineligible convolutions fall back to lax (dilation, groups, NCHW).
+    assert not uses_matmul_grad(4, DN, rhs_dilation=(2, 2))
+    assert not uses_matmul_grad(4, DN, feature_group_count=2)
+    assert not uses_matmul_grad(4, ("NCHW", "OIHW", "NCHW"))
+    assert not uses_matmul_grad(3, ("NWC", "WIO", "NWC"))
+    assert uses_matmul_grad(4, DN)
+    # "auto" on CPU: the tap path only for wide, large convolutions (shape rule).
+    def has_conv_in_kernel_grad(shape_x, shape_k):
+        f = lambda k: conv_general_dilated(  # noqa: E731
+            jnp.ones(shape_x), k, (1, 1), "SAME", dimension_numbers=DN, impl="auto"
+        ).sum()
+        return "convolution" in jax.jit(jax.grad(f)).lower(jnp.ones(shape_k)).as_text()
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert has_conv_in_kernel_grad((1, 32, 32, 128), (3, 3, 128, 128)) != on_cpu
+    assert has_conv_in_kernel_grad((1, 32, 32, 64), (3, 3, 64, 64))
+    assert has_conv_in_kernel_grad((1, 16, 16, 128), (3, 3, 128, 128))
+    x = jax.random.normal(jax.random.key(7), (1, 6, 6, 4))
+    k = jax.random.normal(jax.random.key(8), (3, 3, 4, 4))
+    y = conv_general_dilated(x, k, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DN,
+                             impl="matmul")
+    y_ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                     dimension_numbers=DN)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
