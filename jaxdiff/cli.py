@@ -2,6 +2,9 @@
 
     jaxdiff train  --config configs/digits.py --workdir runs/digits [--config.optim.lr=1e-3 ...]
     jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 25 --num 100 --out grid.png
+    jaxdiff stats  --config configs/cifar10_ddpm.py --out cifar10_train.npz [--save_features]
+    jaxdiff eval   --workdir runs/cifar10 --num-samples 50000 --sampler dpmpp_2m --steps 25 --ref cifar10_train.npz
+    jaxdiff eval   --workdir runs/digits --num-samples 1000 --features digits
 
 ``train`` on a workdir that already has a checkpoint resumes it. ``sample`` rebuilds the model
 from ``workdir/config.json`` and samples with the EMA parameters of the latest checkpoint.
@@ -22,13 +25,21 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler); see jaxdiff.samplers.available().")
 flags.DEFINE_integer("steps", None, "Number of sampler steps (default: config.sample.steps).")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sample.num).")
-flags.DEFINE_string("out", None, "Output PNG (default: WORKDIR/samples/<sampler>_<steps>.png).")
+flags.DEFINE_string("out", None, "Output file: sample PNG (default: WORKDIR/samples/<sampler>_<steps>.png), "
+                    "eval JSON (default: WORKDIR/eval/<features>_<sampler>_<steps>_<num>.json), stats .npz.")
 flags.DEFINE_integer("seed", 1, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 256, "Sampling batch size.")
 flags.DEFINE_string("params", "", "Which weights to sample with: '' (first EMA copy), 'params', or an EMA name.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+# eval / stats (issue 5)
+flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (also --num-samples).")
+flags.DEFINE_string("ref", None, "eval: reference statistics .npz (mu, sigma[, features]) from `jaxdiff stats` / pytorch-fid / ADM.")
+flags.DEFINE_enum("features", "inception", ["inception", "digits"], "eval/stats: feature network.")
+flags.DEFINE_string("inception_weights", None, "Converted Inception weights .npz (default: $JAXDIFF_INCEPTION_WEIGHTS).")
+flags.DEFINE_string("split", "train", "stats: dataset split of --config's data.")
+flags.DEFINE_bool("save_features", False, "stats: also store all features (enables KID and precision/recall in eval).")
 
-COMMANDS = ("train", "sample")
+COMMANDS = ("train", "sample", "eval", "stats")
 
 
 def _train() -> None:
@@ -75,15 +86,100 @@ def _sample() -> None:
     ckpt.close()
 
 
+def _eval() -> None:
+    from jaxdiff.eval import run_eval
+
+    if FLAGS.workdir is None:
+        raise app.UsageError("jaxdiff eval needs --workdir (and --ref STATS.npz unless --features digits)")
+    if FLAGS.features == "inception" and not FLAGS.ref:
+        raise app.UsageError("jaxdiff eval --features inception needs --ref STATS.npz (make one with `jaxdiff stats`)")
+    try:
+        summary = run_eval(FLAGS.workdir, num=FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
+                           ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
+                           batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
+                           progress=FLAGS.progress)
+    except FileNotFoundError as e:  # missing weights / reference / workdir: the message says what to do
+        raise app.UsageError(str(e)) from None
+    print(json.dumps(summary, indent=2))
+
+
+def _stats() -> None:
+    from jaxdiff.data import make_source
+    from jaxdiff.eval import run_stats
+
+    if FLAGS.config is None or FLAGS.out is None:
+        raise app.UsageError("jaxdiff stats needs --config (its data section is the dataset) and --out STATS.npz")
+    try:
+        summary = run_stats(make_source(FLAGS.config.data, FLAGS.split), FLAGS.out, features=FLAGS.features,
+                            inception_weights=FLAGS.inception_weights, batch_size=FLAGS.batch_size,
+                            save_features=FLAGS.save_features, progress=FLAGS.progress)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    print(json.dumps(summary, indent=2))
+
+
+flags.DEFINE_bool("multihost", False, "Multi-process run: call jax.distributed.initialize() (auto-detects TPU pods, "
+                  "SLURM, Open MPI); implied by --coordinator_address or JAX_COORDINATOR_ADDRESS.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
 def _main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jaxdiff {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
-    {"train": _train, "sample": _sample}[argv[1]]()
+    from jaxdiff.parallel import initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.multihost)
+    {"train": _train, "sample": _sample, "eval": _eval, "stats": _stats}[argv[1]]()
+
+
+def _config_spec(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        for prefix in ("--config=", "-config="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, except that an unknown ``--config.<key>`` says which part of the key
+    is unknown and lists the valid keys there (instead of a traceback)."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError) as error:
+        spec = _config_spec(argv)
+        if not spec:
+            return app.parse_flags_with_usage(argv)  # absl's own message and exit
+        from jaxdiff.config_base import load_config_file, unknown_key_message
+
+        config = load_config_file(spec)
+        for arg in argv[1:]:
+            name = arg.lstrip("-").split("=", 1)[0]
+            if name.startswith("config.") and (msg := unknown_key_message(config, name[len("config."):])):
+                sys.stderr.write(f"FATAL Flags parsing error: {msg}\n")
+                sys.exit(1)
+        if isinstance(error, flags.Error):
+            return app.parse_flags_with_usage(argv)
+        raise
+
+
+def _underscore_flag_names(argv):
+    """``--num-samples=5`` -> ``--num_samples=5`` for defined flags (absl only knows underscores)."""
+    out = []
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "-" in name and not name.startswith("config") and name.replace("-", "_") in FLAGS:
+            arg = "--" + name.replace("-", "_") + arg[2 + len(name):]
+        out.append(arg)
+    return out
 
 
 def main() -> None:
-    app.run(_main, argv=sys.argv)
+    app.run(_main, argv=_underscore_flag_names(sys.argv), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

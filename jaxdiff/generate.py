@@ -37,6 +37,21 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     return jax.jit(sample, out_shardings=out_sharding)
 
 
+def _on_mesh(params, mesh):
+    """Params as they are if they already live on ``mesh``'s devices (replicated or fsdp-sharded),
+    else replicated onto it (e.g. params restored on one device, sampled on eight)."""
+    devices = set(mesh.devices.flat)
+    replicated = parallel.replicated(mesh)
+
+    def place(p):
+        sharding = getattr(p, "sharding", None)
+        if sharding is not None and set(sharding.device_set) == devices:
+            return p
+        return jax.device_put(p, replicated)
+
+    return jax.tree.map(place, params)
+
+
 def class_labels(config, num: int):
     """Labels 0, 1, ..., C-1, 0, 1, ... for class-conditional models, else None."""
     c = num_classes(config)
@@ -51,6 +66,7 @@ def generate(config, model, params, num: int, key, *, sampler: str, num_steps: i
     batch = min(int(batch_size), num)
     batch = int(math.ceil(batch / n_dev) * n_dev)
     fn = make_sample_fn(config, model, sampler, num_steps, batch, grid_kind=grid_kind, mesh=mesh, **options)
+    params = _on_mesh(params, mesh)
     if labels is None:
         labels = class_labels(config, num)
     out = []
@@ -60,5 +76,5 @@ def generate(config, model, params, num: int, key, *, sampler: str, num_steps: i
         if labels is not None:
             yb = np.resize(np.asarray(labels[b * batch:(b + 1) * batch], np.int32), batch)
             y = jnp.asarray(yb)
-        out.append(np.asarray(fn(params, jax.random.fold_in(key, b), y)))
+        out.append(parallel.gather_to_host(fn(params, jax.random.fold_in(key, b), y)))
     return np.concatenate(out)[:num]

@@ -3,13 +3,32 @@
 ``train(config, workdir)`` starts a run, or resumes it from the latest Orbax checkpoint in
 ``workdir``. Everything that makes a step's result (the batch, the step key) is a function of
 the step number, so a resumed run is bit-identical to an uninterrupted one.
+
+Failures cost at most one checkpoint interval (with the default synchronous checkpoint writes;
+with ``train.async_checkpoint=True`` a kill -9 while a write is in flight also loses the steps
+trained during that write):
+
+* SIGTERM / SIGINT (preemption, Ctrl-C): the handler only sets a flag; the loop finishes the
+  current step, writes a checkpoint at that step, waits for it and returns a summary with
+  ``"interrupted": "SIGTERM"`` (the CLI exits 0). The handlers are installed only while
+  :func:`train` trains and the previous ones are restored afterwards.
+* a kill mid-save leaves an incomplete ``<step>.orbax-checkpoint-tmp`` directory; the next run
+  says it skipped it, deletes it and resumes from the last complete checkpoint.
+* non-finite loss / gradients: the step keeps the old state (:mod:`jaxdiff.train.step`);
+  ``train.nonfinite="skip"`` counts and logs such steps, ``"error"`` raises FloatingPointError
+  naming the first one. The host reads the metrics every ``log_every`` steps and before every
+  save, so "error" stops at most ``log_every`` steps late; no checkpoint is written with
+  non-finite params (:meth:`jaxdiff.checkpoint.CheckpointManager.save` checks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -19,12 +38,13 @@ from tqdm.auto import tqdm
 
 from jaxdiff import parallel
 from jaxdiff.checkpoint import CheckpointManager, config_to_json
+from jaxdiff.config_base import check_config
 from jaxdiff.data import batch_iterator, make_source
 from jaxdiff.metrics.grid import save_samples
 from jaxdiff.metrics.writer import MetricWriter
 from jaxdiff.modeling import build_model, data_shape, num_classes
 from jaxdiff.train.state import TrainState, init_state, make_optimizer
-from jaxdiff.train.step import ema_specs, make_train_step
+from jaxdiff.train.step import ema_specs, make_train_step, nonfinite_mode
 
 __all__ = ["train", "make_init_fn", "sampling_params"]
 
@@ -57,6 +77,94 @@ def sampling_params(state: TrainState, which: str | None = None):
     return state.ema[sorted(state.ema)[0]]
 
 
+def _compile_step(step_fn, state, batch):
+    """``step_fn.lower(...).compile()``: compile once, up front, and log the compile time and the
+    step's FLOPs from XLA's cost analysis (what an MFU figure divides)."""
+    t0 = time.time()
+    compiled = step_fn.lower(state, batch).compile()
+    msg = f"train step compiled in {time.time() - t0:.1f} s"
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and cost.get("flops"):
+            msg += f"; {float(cost['flops']) / 1e9:.3f} GFLOP per step (XLA cost analysis, per device program)"
+    except Exception:  # noqa: BLE001 -- cost analysis is optional information
+        pass
+    _log(msg)
+    return compiled
+
+
+def _mesh_rules(config):
+    """``config.mesh.rules``: ``((regex, spec), ...)`` overriding the default fsdp layout."""
+    return tuple((str(r[0]), tuple(r[1])) for r in (config.mesh.get("rules", ()) or ()))
+
+
+class _StopFlag:
+    """Signal handler that only records the signal; the loop acts on it between steps."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Install a :class:`_StopFlag` for ``signums`` (main thread only); restore the old handlers."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, flag) for s in signums}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def check_data_shape(config, source) -> None:
+    """The dataset's examples must have the shape the model config describes."""
+    want = tuple(data_shape(config))
+    got = tuple(np.shape(source[np.arange(1)]["image"])[1:])
+    if got != want:
+        d = config.data
+        if len(got) == 3:
+            fix = (f"set --config.data.image_size={got[0]} --config.data.channels={got[2]}"
+                   + ("" if got[0] == got[1] else " (and crop the images square)"))
+        else:
+            fix = f"set --config.data.dim={got[0] if got else 0}"
+        raise ValueError(
+            f"dataset {d.get('name')!r}{' (' + d.tfds_name + ')' if d.get('tfds_name') else ''} yields examples "
+            f"of shape {got}, but the config describes {want} (data.image_size={d.get('image_size')}, "
+            f"data.channels={d.get('channels')}, data.dim={d.get('dim')}): {fix}, or use a dataset of that shape.")
+
+
+def _trim_metrics(path: str, start: int) -> None:
+    """Keep the complete rows of ``metrics.jsonl`` up to step ``start``: after a kill, the steps
+    past the restored checkpoint (and a half-written last line) are dropped, since they run again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= start:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         tqdm.write(msg, file=sys.stderr)
@@ -70,6 +178,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     Writes ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/`` and
     ``samples/step_<N>.png`` under ``workdir``.
     """
+    check_config(config)
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -85,20 +194,26 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     tx = make_optimizer(config.optim)
     init_fn = make_init_fn(config, model, tx)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_shardings = jax.tree.map(lambda _: replicated, abstract)
+    state_shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
 
+    mode = nonfinite_mode(config)
     ckpt = CheckpointManager(workdir, save_every=int(tc.ckpt_every), keep=int(tc.get("keep", 3)),
-                             async_save=bool(tc.get("async_checkpoint", True)))
+                             async_save=bool(tc.get("async_checkpoint", False)), cleanup=True)
     latest = ckpt.latest_step()
+    for path in ckpt.incomplete:
+        _log(f"skipped incomplete checkpoint {path} (its write was interrupted); "
+             + (f"restoring the last complete one, step {latest}" if latest is not None else "no complete one: starting afresh"))
     if latest is not None:
         state = ckpt.restore(abstract, latest)
         _log(f"resumed from {ckpt.directory}/{latest}")
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(int(config.seed)))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(config_to_json(config), f, indent=2)
+        os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: a kill never leaves half a file
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
     _log(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s) {dict(mesh.shape)}")
 
@@ -112,38 +227,76 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     start = int(jax.device_get(state.step))
     num_steps = int(tc.num_steps)
     log_every = int(tc.get("log_every", 50))
+    if jax.process_index() == 0:
+        _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
     source = make_source(config.data, "train")
+    check_data_shape(config, source)
     batches = batch_iterator(source, global_batch, seed=int(config.seed), start_step=start,
                              flip=bool(config.data.get("flip", False)))
     pending: list[tuple[int, dict]] = []
     recent: list[float] = []
+    skipped: list[int] = []
     pbar = tqdm(total=num_steps, initial=start, desc="training", disable=not progress or jax.process_index() != 0,
                 dynamic_ncols=True)
 
     def flush_metrics():
+        bad = []
         for s, m in jax.device_get(pending):
             writer.write(s, m)
-            recent.append(float(m["loss"]))
+            if int(m.get("nonfinite", 0)):
+                bad.append((s, m))
+            else:
+                recent.append(float(m["loss"]))
         pending.clear()
         writer.flush()
         if recent:
             pbar.set_postfix(loss=f"{np.mean(recent[-log_every:]):.4f}")
+        if bad and mode == "error":
+            s, m = bad[0]
+            raise FloatingPointError(
+                f"non-finite loss or gradients at step {s} (loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}); train.nonfinite='error' stops the run (detected at most "
+                f"log_every={log_every} steps late; that step's update was not applied and no checkpoint holds "
+                f"non-finite params). Resume from the last checkpoint in {ckpt.directory} with a lower "
+                "--config.optim.lr or --config.optim.grad_clip, or set --config.train.nonfinite=skip.")
+        if bad:
+            skipped.extend(s for s, _ in bad)
+            _log(f"skipped {len(bad)} update(s) with non-finite loss or gradients at step(s) "
+                 f"{', '.join(str(s) for s, _ in bad[:10])}{' ...' if len(bad) > 10 else ''} "
+                 f"({len(skipped)} in this run; train.nonfinite='skip')")
 
+    compiled = []  # the train step, compiled ahead of time for the first batch's shapes and shardings
+    interrupted = None  # the signal's name once a SIGTERM / SIGINT stopped the run
+    end = num_steps
     try:
-        for step in range(start, num_steps):
-            batch = parallel.shard_batch(next(batches), mesh)
-            state, metrics = step_fn(state, batch)
-            pending.append((step + 1, metrics))
-            pbar.update(1)
-            if (step + 1) % log_every == 0 or step + 1 == num_steps:
-                flush_metrics()
-            if (step + 1) % int(tc.ckpt_every) == 0 and step + 1 != num_steps:
-                ckpt.save(step + 1, state, config)
-        flush_metrics()
-        if num_steps > start or latest is None:
-            ckpt.save(num_steps, state, config, force=True)
-        ckpt.wait()
+        with _stop_on_signals() as stop:
+            saved = latest
+            for step in range(start, num_steps):
+                batch = parallel.shard_batch(next(batches), mesh)
+                if not compiled:
+                    compiled.append(_compile_step(step_fn, state, batch))
+                state, metrics = compiled[0](state, batch)
+                pending.append((step + 1, metrics))
+                pbar.update(1)
+                if (step + 1) % log_every == 0 or step + 1 == num_steps:
+                    flush_metrics()
+                if (step + 1) % int(tc.ckpt_every) == 0 and step + 1 != num_steps:
+                    flush_metrics()  # "error" mode stops before a save; cheap: a save syncs anyway
+                    if ckpt.save(step + 1, state, config):
+                        saved = step + 1
+                if stop.signum is not None and step + 1 != num_steps:
+                    interrupted, end = stop.name, step + 1
+                    _log(f"{stop.name} received: stopping after step {end}, writing a checkpoint")
+                    break
+            flush_metrics()
+            if end != saved and (end > start or latest is None):
+                ckpt.save(end, state, config, force=True)
+            ckpt.wait()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ckpt.wait()  # an error stops the run: let a (finite) checkpoint already in flight finish
+        raise
     finally:
         pbar.close()
         close = getattr(batches, "close", None)
@@ -153,13 +306,18 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
 
     summary = {
         "workdir": workdir,
-        "steps": num_steps,
+        "steps": end,
         "train_seconds": round(time.time() - t_start, 1),
         "final_loss": float(np.mean(recent[-log_every:])) if recent else None,
-        "checkpoint": os.path.join(ckpt.directory, str(num_steps)),
+        "checkpoint": os.path.join(ckpt.directory, str(end)),
         "metrics": writer.path,
         "tensorboard": os.path.join(workdir, "tensorboard"),
+        "nonfinite_skipped": len(skipped),
     }
+    if interrupted:
+        summary.update(interrupted=interrupted, resume="run the same `jaxdiff train` command again")
+        ckpt.close()
+        return summary
     sc = config.get("sample")
     if sample_at_end and sc is not None and int(sc.get("num", 0)) > 0:
         from jaxdiff.generate import generate
@@ -170,5 +328,8 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
         if jax.process_index() == 0:
             path = os.path.join(workdir, "samples", f"step_{num_steps}.png")
             summary["samples"] = save_samples(images, path, nrow=int(sc.get("nrow", 0)) or None)
+            from jaxdiff.eval import digits_score  # digits configs: classifier FD and accuracy (issue 5)
+
+            summary.update(digits_score(config, images) or {})
     ckpt.close()
     return summary
