@@ -233,8 +233,8 @@ def write_outputs(out_dir, rows, adaptive, skipped, nfes, m, ref_err, ref_nfev, 
         f"solution (VP linear, t = 1 -> {T_END}, log-SNR-uniform grid; reference DOP853 float64 rtol 1e-10, "
         f"{ref_nfev} evaluations, itself within {ref_err:.1e} of rtol 1e-8). Samplers run in float32, so "
         "errors near 1e-6 are round-off. A cell reads `error (NFE, N steps)` where the measured NFE is not "
-        "the target; `-` where even the fewest steps the sampler takes (1; 3 for PNDM, whose warm-up is 3 "
-        "pseudo Runge-Kutta steps) cost more than the target.",
+        "the target; `-` where even the fewest steps the sampler takes (1; 5 for PNDM, whose warm-up is 3 "
+        "pseudo Runge-Kutta steps followed by PLMS) cost more than the target.",
         "",
         "| sampler | NFE(N) | " + " | ".join(f"NFE {t}" for t in nfes) + " |",
         "|---|---|" + "---|" * len(nfes),
