@@ -66,15 +66,8 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """``params/down_0/conv/kernel``: a pytree key path joined with "/"."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def param_partition_spec(path: str, shape: Sequence[int], fsdp: int, *, rules=(),
