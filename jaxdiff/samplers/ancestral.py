@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.samplers.base import run_steps, safe_div, validate
-from jaxdiff.samplers.euler import _churn
+from jaxdiff.samplers.euler import churned_eval
 
 __all__ = ["euler_ancestral", "dpm2", "dpm2_ancestral", "dpmpp_2s_ancestral", "ancestral_step", "point_at_ratio"]
 
@@ -125,17 +125,10 @@ def dpm2(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.
     Two model evaluations per step; the step into sigma = 0 and a step from alpha = 0 are Euler.
     """
     validate("dpm2", x, grid, key, stochastic=s_churn != 0)
-    dtype, n, process = x.dtype, grid.num_steps, grid.process
+    dtype, process = x.dtype, grid.process
 
     def step(x, s):
-        x = x.astype(jnp.float32)
-        t, alpha, sigma = s.t, s.alpha, s.sigma
-        if s_churn != 0:
-            xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, n, s_churn, s_tmin, s_tmax,
-                                             s_noise, grid)
-            x, sigma = alpha * xt, alpha * sigma_hat
-        d = denoise(x.astype(dtype), t).astype(jnp.float32)
-        eps = (x - alpha * d) / sigma
+        x, t, alpha, sigma, d, eps = churned_eval(denoise, x, s, grid, dtype, s_churn, s_tmin, s_tmax, s_noise)
         first = (s.sigma_next == 0) | (alpha == 0)
         out = _dpm2_update(denoise, dtype, process, x, d, eps, alpha, sigma, s.alpha_next, s.sigma_next, first)
         return out.astype(dtype)

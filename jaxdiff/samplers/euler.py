@@ -38,21 +38,30 @@ def _churn(x_t, s, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, grid):
     return x_hat, sigma_hat, t_hat, alpha_hat
 
 
+def churned_eval(denoise, x, s, grid, dtype, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM churn (if ``s_churn`` != 0) at step ``s``, then one model call at the (churned) point.
+
+    Returns ``(x, t, alpha, sigma, x0_hat, eps_hat)`` at that point, x in float32; the shared
+    first stage of euler, heun and dpm2.
+    """
+    x = x.astype(jnp.float32)
+    t, alpha, sigma = s.t, s.alpha, s.sigma
+    if s_churn != 0:
+        xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, grid.num_steps, s_churn, s_tmin,
+                                         s_tmax, s_noise, grid)
+        x, sigma = alpha * xt, alpha * sigma_hat
+    x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
+    return x, t, alpha, sigma, x0, (x - alpha * x0) / sigma
+
+
 def euler(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.0,
           s_tmax: float = float("inf"), s_noise: float = 1.0):
     """Euler's method on the PF-ODE (k-diffusion ``sample_euler``; EDM churn optional)."""
     validate("euler", x, grid, key, stochastic=s_churn != 0)
-    dtype, n = x.dtype, grid.num_steps
+    dtype = x.dtype
 
     def step(x, s):
-        x = x.astype(jnp.float32)
-        t, alpha, sigma = s.t, s.alpha, s.sigma
-        if s_churn != 0:
-            xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, n, s_churn, s_tmin, s_tmax,
-                                             s_noise, grid)
-            x, sigma = alpha * xt, alpha * sigma_hat
-        x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
-        eps = (x - alpha * x0) / sigma
+        x, t, alpha, sigma, x0, eps = churned_eval(denoise, x, s, grid, dtype, s_churn, s_tmin, s_tmax, s_noise)
         return (s.alpha_next * x0 + s.sigma_next * eps).astype(dtype)
 
     return run_steps(step, x, grid, key)
@@ -70,7 +79,7 @@ def heun(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.
     Uses 2N - 1 model evaluations on a grid that ends at sigma = 0, 2N otherwise.
     """
     validate("heun", x, grid, key, stochastic=s_churn != 0)
-    dtype, n = x.dtype, grid.num_steps
+    dtype = x.dtype
 
     frame = getattr(grid.process, "ode_frame", "sigma_ratio")
     if frame == "time" and s_churn != 0:
@@ -105,14 +114,7 @@ def heun(denoise, x, grid, *, key=None, s_churn: float = 0.0, s_tmin: float = 0.
     # alpha' (s' - s) (eps_hat' - eps_hat) / 2. A step from alpha = 0 (zero terminal SNR: s = inf)
     # is an Euler step, like the step into sigma = 0.
     def step(x, s):
-        x = x.astype(jnp.float32)
-        t, alpha, sigma = s.t, s.alpha, s.sigma
-        if s_churn != 0:
-            xt, sigma_hat, t, alpha = _churn(x / s.alpha, s, s.sigma / s.alpha, n, s_churn, s_tmin, s_tmax,
-                                             s_noise, grid)
-            x, sigma = alpha * xt, alpha * sigma_hat
-        x0 = denoise(x.astype(dtype), t).astype(jnp.float32)
-        eps = (x - alpha * x0) / sigma
+        x, t, alpha, sigma, x0, eps = churned_eval(denoise, x, s, grid, dtype, s_churn, s_tmin, s_tmax, s_noise)
         x_euler = s.alpha_next * x0 + s.sigma_next * eps
 
         def correct(_):
