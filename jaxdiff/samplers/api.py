@@ -17,7 +17,8 @@ What ``sample`` does, all of it what diffusers' scheduler does in ``set_timestep
    ("linspace" / "leading" / "trailing", Lin et al. 2024, Table 2; the classes differ -- e.g.
    ``DPMSolverMultistepScheduler`` spaces N + 1 points and drops the last), its sigmas (linear
    interpolation of the VE noise level sigma / alpha in t between training steps for the
-   sigma-space schedulers), Karras sigmas with ``use_karras_sigmas=True`` (Karras et al. 2022,
+   sigma-space schedulers; the training steps' sigmas from diffusers' float32 ``alphas_cumprod``,
+   as diffusers has them, see ``_diffusers_sigma_table``), Karras sigmas with ``use_karras_sigmas=True`` (Karras et al. 2022,
    Eq. 5, rho = 7, between the table's end sigmas) and the final point (``final_sigmas_type``,
    ``set_alpha_to_one``);
 3. the one denoiser interface, ``parameterization.make_denoiser(model, process, prediction_type)``;
@@ -154,6 +155,27 @@ def _process_and_config(schedule):
                     f"got {type(schedule).__name__}")
 
 
+def _diffusers_sigma_table(ac):
+    """The VE-frame sigmas sqrt((1 - alpha_bar) / alpha_bar) of the training steps the way the
+    sigma-space and multistep schedulers compute them in ``set_timesteps``: from diffusers' float32
+    ``alphas_cumprod`` (float32 ``1 - beta``, accumulated in float64 by torch's cumprod, rounded to
+    float32) in float32 arithmetic. Near t = 0 this differs from the float64 table by far more than
+    float32 rounding -- 1 - alpha_bar ~ 1e-4 keeps only ~3 digits once alpha_bar is a float32 -- e.g.
+    8.3e-5 relative at t = 0 for "linear": sigma_min of the Karras sigmas, every Karras sigma
+    between, and the sigma at t = 0 with "linspace" / "leading" spacing move with it. Within 3.1e-7
+    of diffusers' table for the three beta schedules (its float32 betas come from torch.linspace,
+    which differs from the float64 linspace by an ulp here and there).
+
+    ``ac``: the process's float64 alphas_cumprod, the float64 cumprod of float32 betas; the betas
+    are recovered exactly (they are float32 numbers ~1e-4 or more; the quotient is exact to 1e-16)."""
+    ac = np.asarray(ac, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+        betas = (1.0 - alphas).astype(np.float32)
+        ac32 = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
+        return np.sqrt((np.float32(1.0) - ac32) / ac32)  # float32, like diffusers'
+
+
 def _sigma_to_t(sigmas, log_sigmas):
     """diffusers' ``_sigma_to_t``: linear interpolation of the timestep in log sigma."""
     log_s = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
@@ -214,9 +236,9 @@ def _scheduler_grid(name, schedule, num_steps, timestep_spacing, steps_offset, u
     if use_karras_sigmas and kind in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler"):
         raise ValueError(f"sample: use_karras_sigmas is not an option of diffusers' {kind} ({name!r}); "
                          f"use a sigma-space sampler (e.g. 'euler', 'heun', 'dpmpp_2m')")
+    table = _diffusers_sigma_table(ac)  # VE-frame sigmas of the training steps, as diffusers has them
     with np.errstate(divide="ignore"):
-        table = np.sqrt((1.0 - ac) / ac)  # VE-frame sigmas of the training steps
-    log_table = np.log(table)
+        log_table = np.log(table.astype(np.float64))
 
     if kind in ("DDPMScheduler", "DDIMScheduler"):
         ts = S.discrete_timesteps(n_train, n, timestep_spacing, steps_offset).astype(np.float64)

@@ -294,12 +294,4 @@ def test_sample_matrix(name, schedule, pred, spacing, n, karras, monkeypatch):
     reason = _skip_reason(name, schedule, pred, spacing, n, karras)
     if reason:
         pytest.skip(reason)
-    if (name, schedule, pred, spacing, n, karras) == ("heun", "linear", "sample", "leading", 10, True):
-        # Measured 2026-11-30: 2.6e-4 relative from diffusers' float64 loop, whose own float32 run
-        # is within 8.8e-7 of it; every other heun / Karras case passes at 1e-4. Open in issue 3.
-        try:
-            check(name, schedule, pred, spacing, n, karras, monkeypatch)
-        except AssertionError:
-            pytest.xfail("heun + Karras + x0-prediction, linear/leading/N=10: 2.6e-4 from diffusers (open)")
-        return
     check(name, schedule, pred, spacing, n, karras, monkeypatch)
