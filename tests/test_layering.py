@@ -7,9 +7,9 @@ import os
 import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff")
-CORE = ["processes.py", "schedules.py", "parameterization.py", "losses.py", "samplers"]
+CORE = ["processes.py", "schedules.py", "parameterization.py", "losses.py", "guidance.py", "samplers"]
 CORE_MODULES = {"jaxdiff.processes", "jaxdiff.schedules", "jaxdiff.parameterization", "jaxdiff.losses",
-                "jaxdiff.samplers"}
+                "jaxdiff.samplers", "jaxdiff.guidance"}
 STDLIB_OK = {"__future__", "dataclasses", "functools", "math", "typing", "collections", "itertools"}
 
 

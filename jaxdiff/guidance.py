@@ -1,0 +1,362 @@
+"""Guidance as transforms from a denoiser to a denoiser, composable with every sampler.
+
+Every sampler sees one model interface, ``denoise(x, t) -> x0_hat``
+(:mod:`jaxdiff.parameterization`). Each function here takes a denoiser (or a conditional one,
+``denoise_cond(x, t, c)``) and returns a new ``denoise(x, t)``, so guidance is chosen
+independently of the sampler::
+
+    d = guidance.classifier_free_guidance(denoise_cond, y, null, scale=3.0,
+                                          interval=(0.3, 5.0), process=process)
+    x0 = samplers.get("dpmpp_2m")(d, x_T, grid)
+
+Guidance on x0 equals guidance on eps, v or the score: for fixed ``(x, t)`` each of these is an
+affine function of x0, and classifier-free guidance combines two predictions with weights that sum
+to one, so the combination commutes with the change of variables. Adding ``g`` to the score is
+adding ``sigma^2 / alpha * g`` to x0 (score = (alpha x0 - x) / sigma^2), which is how classifier
+and training-free guidance enter here.
+
+* :func:`classifier_free_guidance` -- Ho & Salimans 2022, "Classifier-Free Diffusion Guidance",
+  Eq. 6; conditional and unconditional branches batched in one model call; an optional guidance
+  interval (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+  Distribution Quality in Diffusion Models", Sec. 3) and CFG rescale (Lin et al. 2024, "Common
+  Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4, Alg. 2).
+* :func:`classifier_guidance` -- Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
+  Synthesis", Sec. 4 (Alg. 1 / Eq. 14 in score form) with a noise-aware classifier
+  ``log p(y | x_t, t)``.
+* :func:`training_free_guidance` -- Ye et al. 2024, "TFG: Unified Training-Free Guidance for
+  Diffusion Models", Alg. 1: mean guidance (gradient steps on the x0 estimate), variance guidance
+  (gradient with respect to x_t through the denoiser) and the Gaussian-smoothed predictor, with an
+  off-the-shelf predictor ``log f(y | x0)`` trained on clean data.
+* :func:`with_recurrence` -- TFG's recurrence (Bansal et al. 2023's "time travel"): a sampler
+  transform that repeats every step ``n`` times, re-noising back to the step's start in between.
+
+Guidance scales and strengths may be traced values: changing them under ``jax.jit`` does not
+recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.parameterization import _bcast
+from jaxdiff.processes import Process
+from jaxdiff.schedules import Grid
+
+__all__ = [
+    "classifier_free_guidance",
+    "rescale_guidance",
+    "in_interval",
+    "classifier_guidance",
+    "training_free_guidance",
+    "smoothed_log_likelihood",
+    "with_recurrence",
+    "renoise",
+    "RESCALE_SPACES",
+]
+
+RESCALE_SPACES = ("x0", "eps", "v")
+
+
+def _is_zero(v) -> bool:
+    """True only for a Python/NumPy literal zero (a traced value is never skipped)."""
+    return isinstance(v, (int, float)) and float(v) == 0.0
+
+
+def in_interval(process: Process, t, interval) -> jax.Array:
+    """Whether the noise level ``sigma(t) / alpha(t)`` (EDM's / k-diffusion's sigma) lies in
+    ``(lo, hi]`` -- Kynkaanniemi et al. 2024's interval, in the EDM noise-level units their paper
+    uses (for VE / EDM processes sigma/alpha is sigma itself)."""
+    lo, hi = interval
+    s = process.sigma_ratio(jnp.asarray(t, jnp.float32))
+    return (s > lo) & (s <= hi)
+
+
+def _to_space(space, x0, x, t, process):
+    if space == "x0":
+        return x0
+    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    eps = (x - a * x0) / jnp.where(s == 0, 1.0, s)
+    if space == "eps":
+        return eps
+    return a * eps - s * x0  # v
+
+
+def _from_space(space, out, x, t, process):
+    if space == "x0":
+        return out
+    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    if space == "eps":
+        return (x - s * out) / a
+    return (a * x - s * out) / (a**2 + s**2)  # v
+
+
+def rescale_guidance(guided, cond, phi):
+    """CFG rescale (Lin et al. 2024, Alg. 2): match the per-example standard deviation of the
+    guided prediction to the conditional one's, blended with weight ``phi``:
+
+        out = phi * guided * std(cond) / std(guided) + (1 - phi) * guided
+
+    (diffusers' ``rescale_noise_cfg`` with ``guidance_rescale=phi``.)"""
+    axes = tuple(range(1, guided.ndim))
+    std_c = jnp.std(cond, axis=axes, keepdims=True)
+    std_g = jnp.std(guided, axis=axes, keepdims=True)
+    factor = std_c / jnp.where(std_g == 0, 1.0, std_g)
+    return phi * guided * factor + (1.0 - phi) * guided
+
+
+def _concat(a, b):
+    return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+
+
+def classifier_free_guidance(
+    denoise_cond: Callable,
+    cond: Any,
+    uncond: Any,
+    scale,
+    *,
+    interval: tuple[float, float] | None = None,
+    rescale=0.0,
+    rescale_space: str = "x0",
+    process: Process | None = None,
+) -> Callable:
+    """Classifier-free guidance: ``D = D(x, t, uncond) + scale * (D(x, t, cond) - D(x, t, uncond))``.
+
+    Args:
+      denoise_cond: ``denoise_cond(x, t, c) -> x0_hat`` where ``c`` is a batch of conditions
+        (a pytree whose leaves have the batch as leading axis, e.g. int labels ``(B,)``).
+      cond, uncond: the conditions of the two branches (same structure; ``uncond`` is the null
+        condition the model was trained with under label dropout, e.g. label ``num_classes`` for
+        jaxdiff's nets -- see :func:`jaxdiff.modeling.null_labels`). Both branches run in one
+        model call on a batch of ``2B``.
+      scale: the guidance scale ``w`` (Ho & Salimans' ``1 + w``): 1 is the conditional model, 0 the
+        unconditional one. May be traced.
+      interval: ``(lo, hi)``: guide only where ``sigma / alpha`` is in ``(lo, hi]``; elsewhere the
+        conditional model alone is evaluated (one call on ``B`` examples, skipped branch not
+        computed when ``t`` is a scalar). Needs ``process``.
+      rescale: CFG rescale ``phi`` in [0, 1] (0 = off; Lin et al. suggest 0.7). May be traced.
+      rescale_space: the prediction whose standard deviation is rescaled: ``"x0"`` (default),
+        ``"eps"`` (what diffusers' pipelines rescale for epsilon models) or ``"v"`` (Lin et al.'s
+        v-prediction models). Needs ``process`` unless ``"x0"``.
+      process: the forward process (for ``interval`` and for rescaling in eps / v space).
+
+    Returns:
+      ``denoise(x, t) -> x0_hat``, guided.
+    """
+    if rescale_space not in RESCALE_SPACES:
+        raise ValueError(f"rescale_space must be one of {RESCALE_SPACES}, got {rescale_space!r}")
+    if interval is not None:
+        if process is None:
+            raise ValueError("classifier_free_guidance: a guidance interval needs process=... "
+                             "(the interval is in units of sigma/alpha)")
+        if len(interval) != 2 or not interval[0] < interval[1]:
+            raise ValueError(f"interval must be (lo, hi) with lo < hi, got {interval!r}")
+    do_rescale = not _is_zero(rescale)
+    if do_rescale and rescale_space != "x0" and process is None:
+        raise ValueError(f"classifier_free_guidance: rescale_space={rescale_space!r} needs process=...")
+
+    def guided_both(x, t):
+        b = x.shape[0]
+        tt = t if t.ndim == 0 else jnp.concatenate([t, t])
+        out = denoise_cond(jnp.concatenate([x, x]), tt, _concat(cond, uncond))
+        c, u = out[:b], out[b:]
+        g = u + jnp.asarray(scale, out.dtype) * (c - u)
+        if do_rescale:
+            gs = _to_space(rescale_space, g, x, t, process)
+            cs = _to_space(rescale_space, c, x, t, process)
+            g = _from_space(rescale_space, rescale_guidance(gs, cs, rescale), x, t, process).astype(out.dtype)
+        return g
+
+    def conditional_only(x, t):
+        return denoise_cond(x, t, cond)
+
+    def denoise(x, t):
+        t = jnp.asarray(t, jnp.float32)
+        if interval is None:
+            return guided_both(x, t)
+        inside = in_interval(process, t, interval)
+        if t.ndim == 0:
+            return jax.lax.cond(inside, guided_both, conditional_only, x, t)
+        return jnp.where(_bcast(inside, x), guided_both(x, t), conditional_only(x, t))
+
+    return denoise
+
+
+def classifier_guidance(denoise: Callable, log_prob: Callable, process: Process, scale) -> Callable:
+    """Classifier guidance: add ``scale * grad_x log p(y | x_t)`` to the score.
+
+    ``log_prob(x, t) -> (B,)`` is the log-probability a noise-aware classifier gives the wanted
+    class of each example of ``x`` at time ``t`` (e.g. ``log_softmax(logits)[arange(B), y]``;
+    jaxdiff trains one with :func:`jaxdiff.train.classifier.train_noisy_classifier`). Since
+    score = (alpha x0 - x) / sigma^2, this is ``x0 + scale * sigma^2 / alpha * grad``
+    (Dhariwal & Nichol 2021, Sec. 4.1; ``scale`` is their ``s``; 1 samples p(x | y) exactly when
+    the denoiser and classifier are exact).
+    """
+
+    def guided(x, t):
+        t = jnp.asarray(t, jnp.float32)
+        x0 = denoise(x, t)
+        grad = jax.grad(lambda z: jnp.sum(log_prob(z, t)))(x)
+        a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+        return (x0 + jnp.asarray(scale, jnp.float32) * s**2 / a * grad).astype(x0.dtype)
+
+    return guided
+
+
+def smoothed_log_likelihood(log_likelihood: Callable, x0, std, key, num_samples: int):
+    """TFG's Gaussian-smoothed predictor ``log E_delta f(y | x0 + std * delta)``, estimated with
+    ``num_samples`` draws (log-mean-exp over the draws; ``std == 0``: ``log f`` itself)."""
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    delta = jax.random.normal(key, (num_samples,) + x0.shape, x0.dtype)
+    std = _bcast(std, x0)
+    lls = jax.vmap(lambda d: log_likelihood(x0 + std * d))(delta)  # (S, B)
+    return jax.nn.logsumexp(lls, axis=0) - jnp.log(float(num_samples))
+
+
+def _t_key(key, t):
+    """A key that depends on t (so every step draws different smoothing noise)."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(t, jnp.float32).reshape(-1)[0], jnp.uint32)
+    return jax.random.fold_in(key, bits)
+
+
+def training_free_guidance(
+    denoise: Callable,
+    log_likelihood: Callable,
+    process: Process,
+    *,
+    mean_strength=0.0,
+    variance_strength=0.0,
+    mean_iters: int = 1,
+    smoothing=0.0,
+    num_samples: int = 1,
+    max_update_norm=None,
+    key=None,
+) -> Callable:
+    """Training-free guidance with an off-the-shelf predictor (Ye et al. 2024, TFG, Alg. 1).
+
+    ``log_likelihood(x0) -> (B,)`` is ``log f(y | x0)`` of a predictor trained on *clean* data
+    (a classifier's log-probability of the wanted class; a negative loss for other targets). Let
+    ``f~`` be its smoothing ``log E f(y | x0 + smoothing * sigma(t) * delta)`` (TFG's
+    ``gamma * sqrt(1 - abar_t)``; ``num_samples`` Monte-Carlo draws). From ``x0 = D(x, t)``:
+
+    * mean guidance (TFG's Delta_0): ``mean_iters`` gradient steps ``x0 += mean_strength *
+      grad_x0 f~(x0)`` on the x0 estimate, with the denoiser held fixed;
+    * variance guidance (TFG's Delta_t): ``variance_strength * grad_{x_t} f~(D(x_t, t))``, the
+      gradient through the denoiser, added to the score (``+ sigma^2/alpha *`` it on x0), i.e.
+      classifier guidance with the predictor composed with the denoiser;
+    * recurrence: wrap the sampler with :func:`with_recurrence`.
+
+    The returned denoiser is ``x0 + Delta_0 + sigma^2/alpha * variance_strength * grad``. TFG
+    applies Delta_0 and Delta_t to a DDIM step's x0 term and to x_{t-1}; as a denoiser transform
+    the same two directions enter through x0, which makes them composable with every sampler.
+    ``max_update_norm``: if set, each example's total change of x0 (Delta_0 plus the variance
+    term) is scaled down to at most this L2 norm -- the role of the gradient clipping in TFG's
+    reference code; through an eps-predicting denoiser ``grad_{x_t}`` carries a ``1/alpha`` factor
+    that makes the unclipped variance term explode at high noise for large strengths.
+    ``key``: PRNG key for the smoothing noise (needed if ``smoothing != 0``), folded with t.
+    """
+    if not isinstance(mean_iters, int) or mean_iters < 0:
+        raise ValueError(f"mean_iters must be an int >= 0, got {mean_iters!r}")
+    smooth = not _is_zero(smoothing)
+    if smooth and key is None:
+        raise ValueError("training_free_guidance: smoothing != 0 needs key=jax.random.key(...)")
+    use_var = not _is_zero(variance_strength)
+    use_mean = not _is_zero(mean_strength) and mean_iters > 0
+
+    def guided(x, t):
+        t = jnp.asarray(t, jnp.float32)
+        k = _t_key(key, t) if smooth else None
+        std = smoothing * process.sigma(t) if smooth else 0.0
+
+        def f(x0):
+            if not smooth:
+                return log_likelihood(x0)
+            return smoothed_log_likelihood(log_likelihood, x0, std, k, num_samples)
+
+        if use_var:
+            def total(z):
+                x0 = denoise(z, t)
+                return jnp.sum(f(x0)), x0
+
+            g_t, x0 = jax.grad(total, has_aux=True)(x)
+        else:
+            x0 = denoise(x, t)
+        out = x0.astype(jnp.float32)
+        if use_mean:
+            grad_f = jax.grad(lambda z: jnp.sum(f(z)))
+
+            def body(_, z):
+                return z + jnp.asarray(mean_strength, jnp.float32) * grad_f(z)
+
+            x0_m = jax.lax.fori_loop(0, mean_iters, body, out)
+            out = x0_m
+        if use_var:
+            a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+            out = out + jnp.asarray(variance_strength, jnp.float32) * s**2 / a * g_t
+        if max_update_norm is not None:
+            base = x0.astype(jnp.float32)
+            delta = out - base
+            norm = jnp.sqrt(jnp.sum(delta**2, axis=tuple(range(1, delta.ndim)), keepdims=True))
+            out = base + delta * jnp.minimum(1.0, max_update_norm / jnp.maximum(norm, 1e-12))
+        return out.astype(x0.dtype)
+
+    return guided
+
+
+def renoise(x_next, grid_from: tuple, grid_to: tuple, key):
+    """Sample ``x_t | x_s`` of the forward process from the later point ``s`` (less noise) back
+    to ``t``: ``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) eps``.
+    ``grid_from = (alpha_s, sigma_s)``, ``grid_to = (alpha_t, sigma_t)``."""
+    a_s, s_s = grid_from
+    a_t, s_t = grid_to
+    r = a_t / a_s
+    var = jnp.maximum(s_t**2 - (r * s_s) ** 2, 0.0)
+    eps = jax.random.normal(key, x_next.shape, jnp.float32)
+    return (r * x_next + jnp.sqrt(var) * eps).astype(x_next.dtype)
+
+
+def with_recurrence(sampler: Callable, num_recurrences: int) -> Callable:
+    """TFG's recurrence (Ye et al. 2024, Alg. 1; Bansal et al. 2023, "Universal Guidance", Sec. 3.3):
+    run each step of ``sampler`` ``num_recurrences`` times, re-noising the result back to the
+    step's start (:func:`renoise`) between repeats; the last repeat's result is kept.
+
+    ``sampler`` must be one-step (no history carried between steps): ddim, ddpm, euler, heun,
+    dpm_solver, dpm2, euler_ancestral, dpmpp_2s_ancestral, ... Each step runs it on the two-point
+    grid of that step. Returns a sampler with the usual signature (it needs ``key``).
+    """
+    if not isinstance(num_recurrences, int) or num_recurrences < 1:
+        raise ValueError(f"num_recurrences must be an int >= 1, got {num_recurrences!r}")
+
+    def run(denoise, x, grid: Grid, *, key=None, **options):
+        if key is None and num_recurrences > 1:
+            raise ValueError("with_recurrence: re-noising needs key=jax.random.key(...)")
+        key = key if key is not None else jax.random.key(0)
+        n = grid.t.shape[0] - 1
+
+        def step(x, i):
+            sub = Grid(t=jax.lax.dynamic_slice(grid.t, (i,), (2,)),
+                       alpha=jax.lax.dynamic_slice(grid.alpha, (i,), (2,)),
+                       sigma=jax.lax.dynamic_slice(grid.sigma, (i,), (2,)),
+                       process=grid.process)
+            k_i = jax.random.fold_in(key, i)
+
+            def repeat(r, x_t):
+                k_s, k_n = jax.random.split(jax.random.fold_in(k_i, r))
+                x_next = sampler(denoise, x_t, sub, key=k_s, **options)
+                back = renoise(x_next, (sub.alpha[1], sub.sigma[1]), (sub.alpha[0], sub.sigma[0]), k_n)
+                return back, x_next
+
+            def body(r, carry):
+                x_t, _ = carry
+                return repeat(r, x_t)
+
+            _, x_next = jax.lax.fori_loop(0, num_recurrences, body, (x, x))
+            return x_next, None
+
+        x, _ = jax.lax.scan(step, x, jnp.arange(n))
+        return x
+
+    return run
