@@ -31,6 +31,11 @@ flags.DEFINE_integer("seed", 1, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 256, "Sampling batch size.")
 flags.DEFINE_string("params", "", "Which weights to sample with: '' (first EMA copy), 'params', or an EMA name.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: "
+                   "config.sample.guidance_scale; 1 = conditional model, 0 = unconditional).")
+flags.DEFINE_string("guidance_interval", None, "sample/eval: 'lo,hi': guide only where sigma/alpha is in (lo, hi] "
+                    "(Kynkaanniemi et al. 2024); '' = every step.")
+flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin et al. 2024; 0 = off).")
 # eval / stats (issue 5)
 flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (also --num-samples).")
 flags.DEFINE_string("ref", None, "eval: reference statistics .npz (mu, sigma[, features]) from `jaxdiff stats` / pytorch-fid / ADM.")
@@ -79,11 +84,26 @@ def _sample() -> None:
     num = FLAGS.num or int(config.sample.num)
     images = generate(config, model, sampling_params(state, FLAGS.params or config.sample.get("params")), num,
                       jax.random.PRNGKey(FLAGS.seed), sampler=sampler, num_steps=steps,
-                      batch_size=FLAGS.batch_size, progress=FLAGS.progress)
+                      batch_size=FLAGS.batch_size, progress=FLAGS.progress, guidance_override=_guidance_flags())
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
     print(json.dumps({"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}))
     ckpt.close()
+
+
+def _guidance_flags() -> dict:
+    """The --guidance_* flags that were given, as a guidance_settings override."""
+    g = {}
+    if FLAGS.guidance_scale is not None:
+        g["scale"] = float(FLAGS.guidance_scale)
+    if FLAGS.guidance_interval is not None:
+        parts = [p for p in FLAGS.guidance_interval.replace("(", "").replace(")", "").split(",") if p.strip()]
+        if len(parts) not in (0, 2):
+            raise app.UsageError(f"--guidance_interval must be 'lo,hi' or '', got {FLAGS.guidance_interval!r}")
+        g["interval"] = (float(parts[0]), float(parts[1])) if parts else None
+    if FLAGS.guidance_rescale is not None:
+        g["rescale"] = float(FLAGS.guidance_rescale)
+    return g
 
 
 def _eval() -> None:
@@ -97,7 +117,7 @@ def _eval() -> None:
         summary = run_eval(FLAGS.workdir, num=FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
                            ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                            batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
-                           progress=FLAGS.progress)
+                           progress=FLAGS.progress, guidance=_guidance_flags())
     except FileNotFoundError as e:  # missing weights / reference / workdir: the message says what to do
         raise app.UsageError(str(e)) from None
     print(json.dumps(summary, indent=2))

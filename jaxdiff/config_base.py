@@ -76,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num = 100
     c.sample.nrow = 10
     c.sample.params = ""                # "" = first EMA copy; "params" = raw params; or an EMA name
+    # classifier-free guidance (class-conditional models; jaxdiff.guidance): scale 1 = the
+    # conditional model alone (one model call), 0 = unconditional; interval (lo, hi) guides only
+    # where sigma/alpha is in (lo, hi] (() = every step); rescale = CFG-rescale phi (0 = off)
+    c.sample.guidance_scale = 1.0
+    c.sample.guidance_interval = ()
+    c.sample.guidance_rescale = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -13,26 +13,54 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdiff import parallel, samplers
-from jaxdiff.modeling import build_process, data_shape, denoiser, num_classes
+from jaxdiff import guidance, parallel, samplers
+from jaxdiff.modeling import build_process, conditional_denoiser, data_shape, denoiser, null_labels, num_classes
 from jaxdiff.schedules import make_grid
 
-__all__ = ["make_sample_fn", "generate", "class_labels"]
+__all__ = ["make_sample_fn", "generate", "class_labels", "guidance_settings"]
+
+
+def guidance_settings(config, override: dict | None = None) -> dict:
+    """``{"scale", "interval", "rescale"}`` of classifier-free guidance from ``config.sample``
+    (``guidance_scale``, ``guidance_interval``, ``guidance_rescale``), updated by ``override``."""
+    sc = config.get("sample") or {}
+    g = {"scale": float(sc.get("guidance_scale", 1.0)),
+         "interval": tuple(sc.get("guidance_interval", ()) or ()) or None,
+         "rescale": float(sc.get("guidance_rescale", 0.0))}
+    g.update(override or {})
+    if g["interval"] is not None and len(g["interval"]) != 2:
+        raise ValueError(f"sample.guidance_interval must be () or (lo, hi), got {g['interval']!r}")
+    return g
 
 
 def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, grid_kind=None,
-                   mesh=None, **options):
-    """``sample(params, key, y) -> images`` for one batch, jitted; images sharded over the mesh."""
+                   mesh=None, guidance_override: dict | None = None, **options):
+    """``sample(params, key, y) -> images`` for one batch, jitted; images sharded over the mesh.
+
+    Classifier-free guidance follows ``config.sample.guidance_*`` (or ``guidance_override``, e.g.
+    ``{"scale": 3.0}``); at scale 1 the conditional model runs alone."""
     fn = samplers.get(sampler)
-    grid = make_grid(build_process(config), int(num_steps), grid_kind)
+    process = build_process(config)
+    grid = make_grid(process, int(num_steps), grid_kind)
     shape = (batch,) + data_shape(config)
     mesh = mesh or parallel.make_mesh()
     out_sharding = parallel.batch_sharding(mesh)
+    g = guidance_settings(config, guidance_override)
+    guided = g["scale"] != 1.0
+    if guided and num_classes(config) == 0:
+        raise ValueError(f"sample.guidance_scale={g['scale']} needs a class-conditional model "
+                         "(model.num_classes > 0 trained with diffusion.class_dropout > 0); this one is unconditional")
 
     def sample(params, key, y):
         k_init, k_sampler = jax.random.split(key)
         x = jax.lax.with_sharding_constraint(grid.prior_sample(k_init, shape), out_sharding)
-        return fn(denoiser(config, model, params, y), x, grid, key=k_sampler, **options)
+        if guided and y is not None:
+            d = guidance.classifier_free_guidance(
+                conditional_denoiser(config, model, params), y, null_labels(config, y.shape[0]), g["scale"],
+                interval=g["interval"], rescale=g["rescale"], process=process)
+        else:
+            d = denoiser(config, model, params, y)
+        return fn(d, x, grid, key=k_sampler, **options)
 
     return jax.jit(sample, out_shardings=out_sharding)
 

@@ -13,7 +13,8 @@ from jaxdiff import nets
 from jaxdiff.parameterization import make_denoiser
 from jaxdiff.processes import Process, make_process
 
-__all__ = ["build_model", "build_process", "net_fn", "denoiser", "data_shape", "num_classes"]
+__all__ = ["build_model", "build_process", "net_fn", "denoiser", "conditional_denoiser", "null_labels",
+           "data_shape", "num_classes"]
 
 
 def build_model(config):
@@ -59,6 +60,31 @@ def denoiser(config, model, params, y=None):
     net = net_fn(model, params, y, channels=channels)
     d = config.diffusion
     return make_denoiser(net, build_process(config), d.prediction, float(d.get("sigma_data", 0.5)))
+
+
+def conditional_denoiser(config, model, params):
+    """``denoise(x, t, y) -> x0_hat`` with the labels as an argument (eval mode), the form
+    :func:`jaxdiff.guidance.classifier_free_guidance` batches both branches through."""
+    channels = data_shape(config)[-1]
+    d = config.diffusion
+    process = build_process(config)
+
+    def denoise(x, t, y):
+        net = net_fn(model, params, y, channels=channels)
+        return make_denoiser(net, process, d.prediction, float(d.get("sigma_data", 0.5)))(x, t)
+
+    return denoise
+
+
+def null_labels(config, batch: int):
+    """The null class ``num_classes`` (the label dropout target) for a batch, for CFG's
+    unconditional branch."""
+    c = num_classes(config)
+    if c == 0:
+        raise ValueError("null_labels: this model is unconditional (model.num_classes=0); "
+                         "classifier-free guidance needs a class-conditional model trained with "
+                         "diffusion.class_dropout > 0")
+    return jnp.full((batch,), c, jnp.int32)
 
 
 def dtype_of(name: str):

@@ -73,3 +73,22 @@ def test_stats_then_eval_matches_unstreamed_computation(run):
     assert result["fid"] == pytest.approx(want_fid, rel=1e-4)
     assert result["class_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == class_labels(config, 30)))
     assert (result["precision"], result["recall"]) == pytest.approx(M.precision_recall(f_te, feats), abs=1 / 30 + 1e-9)
+
+
+def test_eval_with_guidance_flags_matches_generate_with_cfg(run):
+    root, cache, wd, _ = run
+    out = root / "eval_cfg.json"
+    run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--num-samples=20", "--features=digits",
+                "--batch_size=20", "--sampler=ddim", "--steps=3", f"--out={out}", "--guidance_scale=3",
+                "--guidance_interval=0.3,5", "--noprogress"], cache_dir=cache)
+    result = json.loads(out.read_text())
+    assert result["guidance"] == {"scale": 3.0, "interval": [0.3, 5.0], "rescale": 0.0}
+
+    from jaxdiff.eval import restore_for_sampling
+    from jaxdiff.generate import class_labels, generate
+
+    config, model, params, _ = restore_for_sampling(str(wd))
+    images = generate(config, model, params, 20, jax.random.PRNGKey(1), sampler="ddim", num_steps=3, batch_size=20,
+                      progress=False, guidance_override={"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0})
+    _, logits = D.features_and_logits(images)
+    assert result["class_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == class_labels(config, 20)))
