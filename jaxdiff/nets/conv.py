@@ -16,10 +16,14 @@ matrix). On the same machine the nine 3x3 tap products take 0.11 s (one im2col m
 XLA's native kernel gradient: 0.15 s). The forward pass and the input gradient stay XLA's own
 convolutions, which are fast on CPU.
 
-The tap products only win for wide, large convolutions: at 64 channels (32x32) or at 16x16 the
-native kernel gradient measured as fast or faster here (see ``benchmarks/RESULTS.md``), so
-``impl="auto"`` on CPU takes the tap path only when ``C_in >= 128``, ``C_out >= 128`` and the
-output has at least 32x32 pixels (:data:`AUTO_MIN_CHANNELS`, :data:`AUTO_MIN_PIXELS`).
+Where the tap products win was measured on an idle 2-core machine (2026-11-30,
+``benchmarks/conv_backward.py``, batch 32): 64 -> 64 at 32x32, tap 37 ms vs native 65 ms;
+128 -> 128 at 32x32, 58 vs 153 ms; 128 -> 128 at 16x16, 16 vs 27 ms; but 128 -> 128 at 8x8,
+4.2 vs 3.0 ms, and about equal at 4x4. So ``impl="auto"`` on CPU takes the tap path when
+``C_in >= 64``, ``C_out >= 64`` and the output has at least 16x16 pixels
+(:data:`AUTO_MIN_CHANNELS`, :data:`AUTO_MIN_PIXELS`). On the benchmark UNet's train step this
+rule gives 2.82-2.86 s per step against 3.34 s with XLA's kernel gradient everywhere (earlier
+thresholds of 128 channels / 32x32, chosen from measurements on a heavily loaded machine: 3.12 s).
 
 :func:`conv_general_dilated` is a drop-in replacement for ``lax.conv_general_dilated`` that
 takes this path (a ``jax.custom_vjp``) when
@@ -51,9 +55,9 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
-AUTO_MIN_CHANNELS = 128
+AUTO_MIN_CHANNELS = 64
 """``impl="auto"`` on CPU: smallest C_in and C_out for which the tap-matmul gradient is used."""
-AUTO_MIN_PIXELS = 32 * 32
+AUTO_MIN_PIXELS = 16 * 16
 """``impl="auto"`` on CPU: smallest output H * W for which the tap-matmul gradient is used."""
 
 
@@ -161,8 +165,8 @@ def conv_general_dilated(
     """``lax.conv_general_dilated`` with the tap-matmul kernel gradient where eligible.
 
     Same arguments and forward result as ``lax.conv_general_dilated``; ``impl`` is
-    ``"auto"`` (matmul kernel gradient on the CPU backend only, for wide and large convolutions:
-    see the module docstring), ``"xla"`` (always lax) or
+    ``"auto"`` (matmul kernel gradient on the CPU backend only, for convolutions with >= 64
+    input and output channels and >= 16x16 output pixels: see the module docstring), ``"xla"`` (always lax) or
     ``"matmul"`` (always the tap-matmul gradient where eligible; lax otherwise).
     """
     auto = impl == "auto"

@@ -180,8 +180,11 @@ def test_backend_selection_and_errors():
 
     on_cpu = jax.default_backend() == "cpu"
     assert has_conv_in_kernel_grad((1, 32, 32, 128), (3, 3, 128, 128)) != on_cpu
-    assert has_conv_in_kernel_grad((1, 32, 32, 64), (3, 3, 64, 64))
-    assert has_conv_in_kernel_grad((1, 16, 16, 128), (3, 3, 128, 128))
+    assert has_conv_in_kernel_grad((1, 32, 32, 64), (3, 3, 64, 64)) != on_cpu
+    assert has_conv_in_kernel_grad((1, 16, 16, 128), (3, 3, 128, 128)) != on_cpu
+    assert has_conv_in_kernel_grad((1, 8, 8, 128), (3, 3, 128, 128))  # small images: XLA's own
+    assert has_conv_in_kernel_grad((1, 32, 32, 32), (3, 3, 32, 32))  # narrow: XLA's own
+    assert has_conv_in_kernel_grad((1, 32, 32, 64), (3, 3, 64, 3))  # e.g. the output conv
     x = jax.random.normal(jax.random.key(7), (1, 6, 6, 4))
     k = jax.random.normal(jax.random.key(8), (3, 3, 4, 4))
     y = conv_general_dilated(x, k, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DN,
