@@ -287,10 +287,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     Returns:
       ``(B, N, heads, head_dim)`` in the dtype of ``v``.
     """
+    # Heads are moved next to the batch before the two batched matmuls: on XLA:CPU that layout
+    # measured 4x faster than the einsum with heads in the middle for the forward pass (8 x 256
+    # tokens x 6 heads x 64: 7.7 vs 32.1 ms) and 1.4x for forward + backward (16x16x128, one
+    # head, batch 32: 26.6 vs 38.0 ms). The softmax is written out with the row max held out of
+    # the gradient (softmax is shift invariant, so this is exact), which XLA fuses better than
+    # jax.nn.softmax's custom JVP.
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, heads, N, head_dim)
+    logits = jnp.matmul(qt, jnp.swapaxes(kt, -1, -2), preferred_element_type=jnp.float32) * scale
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits)
+    weights = e / jnp.sum(e, axis=-1, keepdims=True)
+    return jnp.swapaxes(jnp.matmul(weights.astype(v.dtype), vt), 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
