@@ -155,8 +155,11 @@ def test_sharded_checkpoint_restores_onto_one_device(result):
 
 
 def test_sharded_sampling_matches_one_device(result):
+    # Per-device batch 2 (8 devices) vs 16 (1 device) compiles to different CPU matmul tilings, so
+    # float32 rounding differs; over 4 DPM-Solver++ steps through the UNet it reaches ~1e-5
+    # (measured 1.14e-5 on samples of std > 0.1 after the attention-layout change of 2026-11-30).
     assert result["sample_std"] > 0.1
-    assert result["sample_max_diff"] <= 1e-5
+    assert result["sample_max_diff"] <= 3e-5
 
 
 @pytest.mark.slow
