@@ -18,7 +18,7 @@ Settings:
   predictor: a scikit-learn logistic regression fitted on the clean training digits -- a model
   independent of the CNN that scores the samples.
 
-    python experiments/guidance/run.py                 # ~6 min on 2 CPU cores (training 3.5 min)
+    python experiments/guidance/run.py                 # ~13 min on 2 CPU cores: training ~3.5, guided sampling ~10
     python experiments/guidance/run.py --workdir DIR   # reuse a finished `jaxdiff train` workdir
 """
 
