@@ -20,6 +20,7 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
+from tests.samplers.gaussian import gaussian_denoiser
 
 C = 0.5
 VPL, EDM, RF = P.VPLinear(), P.EDM(), P.RectifiedFlow()
@@ -29,14 +30,6 @@ GRIDS = {
     "vp_linear": S.grid_from_times(VPL, [1.0, 0.5, 1e-3], final="last"),
     "edm": S.grid_from_times(EDM, [80.0, 1.0, 0.002], final="last"),
 }
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,7 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
+from tests.samplers.gaussian import gaussian_denoiser
 
 C = 0.5
 KEY = jax.random.key(3, impl="rbg")
@@ -36,18 +37,10 @@ def consistency_fn(proc, c):
     return f
 
 
-def posterior_mean(proc, c):
-    def d(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return a * c**2 / (a**2 * c**2 + s**2) * x
-
-    return d
-
-
 @functools.lru_cache(maxsize=None)
 def compiled(model):
     def run(x, grid, key, c):
-        den = consistency_fn(grid.process, c) if model == "consistency" else posterior_mean(grid.process, c)
+        den = consistency_fn(grid.process, c) if model == "consistency" else gaussian_denoiser(grid.process, c)
         return samplers.consistency_multistep(den, x, grid, key=key)
 
     return jax.jit(run)

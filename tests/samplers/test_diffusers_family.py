@@ -76,6 +76,7 @@ from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
 from jaxdiff.samplers.dpm_solver import dpmpp_2m
+from tests.samplers.gaussian import gaussian_denoiser
 
 TOL = 1e-4
 SHAPE = (2, 3, 4, 4)
@@ -335,14 +336,6 @@ def test_not_comparable_configurations():
 
 EDM = P.EDM()
 C = 0.5
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 def nonlinear_denoiser(x, t):

@@ -16,19 +16,12 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
+from tests.samplers.gaussian import gaussian_denoiser
 
 C = 0.5
 RF = P.RectifiedFlow()
 NAMES = ["flow_euler", "flow_heun"]
 ORDER = {"flow_euler": 1, "flow_heun": 2}
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 def nonlinear_denoiser(w):

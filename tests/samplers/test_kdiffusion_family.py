@@ -27,6 +27,7 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
+from tests.samplers.gaussian import gaussian_denoiser
 
 C = 0.5
 EDM = P.EDM()
@@ -41,14 +42,6 @@ STOCHASTIC = ["euler_ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_
 
 def rbg(i):
     return jax.random.key(i, impl="rbg")
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 def denoiser(proc, c=C, w=0.0):

@@ -16,6 +16,7 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
+from tests.samplers.gaussian import gaussian_denoiser
 
 NAMES = ["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m"]
@@ -26,14 +27,6 @@ C = 0.5  # data standard deviation
 KEY = jax.random.key(0, impl="rbg")
 EDM = P.EDM()
 EDM_GRID = S.make_grid(EDM, 6)
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 def nonlinear_denoiser(w):

@@ -18,19 +18,12 @@ from jaxdiff import processes as P
 from jaxdiff import samplers
 from jaxdiff import schedules as S
 from jaxdiff.samplers.sde import sde_coefficients
+from tests.samplers.gaussian import gaussian_denoiser
 
 C = 0.5
 KEY = jax.random.key(11, impl="rbg")
 VPL = P.VPLinear()
 EDM = P.EDM()
-
-
-def gaussian_denoiser(proc, c=C):
-    def denoise(x, t):
-        a, s = proc.alpha(t), proc.sigma(t)
-        return (a * c**2 / (a**2 * c**2 + s**2)) * x
-
-    return denoise
 
 
 @functools.lru_cache(maxsize=None)
