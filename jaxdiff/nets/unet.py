@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .conv import Conv
+from .conv import Conv, UpsampleConv
 from .layers import (
     LabelEmbedder,
     Norm32,
@@ -277,9 +277,11 @@ class UNet(nn.Module):
             if i_level != 0:
                 if self.resblock_updown:
                     h = res_block(h, h.shape[-1], f"up_{i_level}_upsample", resample="up")
-                else:
-                    h = _upsample_nearest(h)
-                    h = _conv(h.shape[-1], f"up_{i_level}_upsample", **ckw)(h)
+                else:  # nearest 2x + conv3x3 (sub-pixel form on CPU: jaxdiff.nets.conv)
+                    h = UpsampleConv(
+                        h.shape[-1], conv_impl=self.conv_impl, kernel_init=xavier_uniform,
+                        bias_init=zeros, **kw, name=f"up_{i_level}_upsample",
+                    )(h)
         assert not hs
 
         # End
