@@ -2,28 +2,29 @@
 
 XLA:CPU computes the gradient of a convolution with respect to its *kernel* as another
 convolution whose "kernel" is the whole output gradient (spatial size H x W). That lowering is
-several times slower than the forward pass on CPU (measured here, 2 cores, jax 0.10.2:
-3x3 conv 128->128 on 32x32x32 NHWC float32 -- forward 0.04 s, kernel gradient 0.15 s).
+several times slower than the forward pass on CPU (2-core machine, jax 0.10.2, batch 32:
+3x3 conv 64 -> 64 at 32x32, forward 15.5 ms, kernel gradient 67.8 ms).
 
 The kernel gradient of a convolution without dilation is a sum over the ``kh * kw`` taps::
 
     dK[i, j] = sum_{b, p, q} x_pad[b, s*p + i, s*q + j, :]^T  g[b, p, q, :]      (C_in x C_out)
 
-i.e. ``kh * kw`` ordinary matrix products of a shifted (strided) view of the padded input with
-the output gradient (the "im2col" view of Chellapilla et al. 2006, "High Performance
-Convolutional Neural Networks for Document Processing", without materialising the im2col
-matrix). On the same machine the nine 3x3 tap products take 0.11 s (one im2col matmul: 0.16 s;
-XLA's native kernel gradient: 0.15 s). The forward pass and the input gradient stay XLA's own
-convolutions, which are fast on CPU.
-
-Where the tap products win was measured on an idle 2-core machine (2026-11-30,
-``benchmarks/conv_backward.py``, batch 32): 64 -> 64 at 32x32, tap 37 ms vs native 65 ms;
-128 -> 128 at 32x32, 58 vs 153 ms; 128 -> 128 at 16x16, 16 vs 27 ms; but 128 -> 128 at 8x8,
-4.2 vs 3.0 ms, and about equal at 4x4. So ``impl="auto"`` on CPU takes the tap path when
-``C_in >= 64``, ``C_out >= 64`` and the output has at least 16x16 pixels
-(:data:`AUTO_MIN_CHANNELS`, :data:`AUTO_MIN_PIXELS`). On the benchmark UNet's train step this
-rule gives 2.82-2.86 s per step against 3.34 s with XLA's kernel gradient everywhere (earlier
-thresholds of 128 channels / 32x32, chosen from measurements on a heavily loaded machine: 3.12 s).
+i.e. ordinary matrix products of shifted (strided) views of the padded input with the output
+gradient (the "im2col" view of Chellapilla et al. 2006, "High Performance Convolutional Neural
+Networks for Document Processing"). jaxdiff computes it as follows (``_kernel_grad_taps``):
+the ``kw`` column-shifted views are concatenated along channels, so that each kernel *row* is
+one product ``g^T A_i`` of shape ``(C_out, kw * C_in)``; and the batch is processed in blocks
+of about :data:`KERNEL_GRAD_CHUNK_PIXELS` output pixels, summed in a ``lax.scan``, so that a
+block's operands stay in cache. Blocking is what makes it fast: measured with
+``benchmarks/conv_backward.py`` (idle 2-core machine, 2026-11-30, batch 32, ms), kernel
+gradient by XLA / by this path: 64 -> 64 at 32x32, 67.8 / 21.7; 192 -> 64 at 32x32, 204 / 66.7;
+128 -> 128 at 32x32, 153 / 61.5; 128 -> 128 at 16x16, 24.2 / 15.8; but 128 -> 128 at 8x8,
+3.3 / 4.0 (the unblocked nine-tap form of the previous version: 37, -, 58, 16 and 4.2). So
+``impl="auto"`` on CPU takes this path when ``C_in >= 64``, ``C_out >= 64`` and the output has
+at least 16x16 pixels (:data:`AUTO_MIN_CHANNELS`, :data:`AUTO_MIN_PIXELS`). The forward pass
+and the input gradient stay XLA's own convolutions (reformulations as blocked im2col or
+row-tap products, and Winograd F(4x4, 3x3) in plain JAX, measured no faster than XLA's
+forward convolution here).
 
 :func:`conv_general_dilated` is a drop-in replacement for ``lax.conv_general_dilated`` that
 takes this path (a ``jax.custom_vjp``) when
@@ -36,6 +37,11 @@ takes this path (a ``jax.custom_vjp``) when
 otherwise it is exactly ``lax.conv_general_dilated`` (XLA's native path on GPU / TPU).
 :func:`Conv` builds a ``flax.linen.Conv`` that uses it, so parameter names and shapes
 (``kernel`` ``(kh, kw, C_in, C_out)``, ``bias`` ``(C_out,)``) are those of ``nn.Conv``.
+
+:func:`upsample2x_conv3x3` / :class:`UpsampleConv` compute the UNet's upsampling layer
+(nearest 2x, then a 3x3 conv) in its sub-pixel form on CPU: four 2x2 convolutions of the
+low-resolution input, 16/36 of the products (batch 32, 16x16 -> 32x32, 128 channels: forward
+18.8 vs 36.7 ms, forward + backward 67.1 vs 108.4 ms).
 """
 
 from __future__ import annotations
@@ -250,10 +256,19 @@ _PHASE_ROWS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
 """``_PHASE_ROWS[a][u][i]``: 3x3 kernel row ``i`` contributes to 2x2 row ``u`` of phase ``a``."""
 
 
+def _collapse(w, axis):
+    """``(..., 3, ...) -> (2[a], ..., 2[u], ...)``: the kernel taps of each phase along ``axis``."""
+    t = [lax.index_in_dim(w, i, axis) for i in range(3)]
+    phases = [
+        [sum(t[i] for i in range(3) if _PHASE_ROWS[a][u][i]) for u in range(2)] for a in range(2)
+    ]
+    return jnp.stack([jnp.concatenate(p, axis=axis) for p in phases])
+
+
 def _phase_kernels(kernel):
     """``(2, 2, 2, 2, C_in, C_out)`` [a, b, u, v]: the 2x2 kernel of output phase (a, b)."""
-    r = jnp.asarray(_PHASE_ROWS, kernel.dtype)
-    return jnp.einsum("aui,bvj,ijco->abuvco", r, r, kernel, precision=lax.Precision.HIGHEST)
+    rows = _collapse(kernel, 0)                      # (a, u, 3, C_in, C_out)
+    return jnp.moveaxis(_collapse(rows, 2), 0, 1)    # (b, a, u, v, ...) -> (a, b, u, v, ...)
 
 
 def _upsample_conv_phases(x, kernel, impl, precision):

