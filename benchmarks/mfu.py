@@ -6,7 +6,9 @@ MFU = (model FLOPs of one train step, from XLA's cost analysis) / (median step t
 Model FLOPs are counted on the ``conv_impl="xla"`` compilation of the step (the network as
 defined: direct convolutions, nearest upsampling followed by a 3x3 conv); the timed step is the
 one of ``--conv-impl``, whose executed FLOPs (also printed) are lower where the CPU path computes
-the upsampling conv in its sub-pixel form.
+the upsampling conv in its sub-pixel form. (The cost analysis of the timed executable is also
+recorded, as ``executed_flops_per_step``; it counts the body of a ``lax.scan`` -- the blocked
+kernel gradient -- once, so it is not a FLOP count of the step.)
 
 The peak is *measured*, not a datasheet number: ``--matmul-n`` square float32 matrices
 (4096 by default, 2 n^3 FLOPs), median over repeats; PyTorch's rate for the same matmul is
@@ -117,8 +119,7 @@ def main(argv=None):
                           args.dtype)
     mfu = step["flops_per_s"] / peak["flops_per_s"]
     common.log(f"train step ({args.model}, {step['params']:,} params, batch {args.batch}): "
-               f"{step['flops_per_step'] / 1e9:.1f} model GFLOP/step (XLA cost analysis; executed "
-               f"{step['executed_flops_per_step'] / 1e9:.1f}), median "
+               f"{step['flops_per_step'] / 1e9:.1f} model GFLOP/step (XLA cost analysis), median "
                f"{step['median_s']:.3f} s -> {step['flops_per_s'] / 1e9:.1f} GFLOP/s = "
                f"{100 * mfu:.1f}% of the measured matmul peak (target >= 50%)")
     result.update(train_step=step, mfu=mfu, load_avg_end=common.load_average())
