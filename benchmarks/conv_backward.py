@@ -4,7 +4,7 @@ For each 3x3 convolution shape of the benchmark UNet (``common.UNET``: 64 channe
 128 at 16x16 / 8x8 / 4x4, batch 32) and the issue's 128-channel 32x32 case, times (medians):
 
 * jax: the forward conv, the input gradient, the kernel gradient by XLA's native lowering and by
-  jaxdiff's tap matmuls (:mod:`jaxdiff.nets.conv`, ``impl="matmul"``), and what
+  jaxdiff's blocked matmuls (:mod:`jaxdiff.nets.conv`, ``impl="matmul"``; JSON key ``jax_dw_taps``), and what
   ``impl="auto"`` picks;
 * torch: ``Conv2d`` forward, and forward + backward (input and kernel gradients).
 

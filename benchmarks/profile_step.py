@@ -9,7 +9,7 @@ belongs to and whether it is forward (``jvp``), backward (``transpose``) or neit
 EMA). Categories:
 
 * ``conv``: XLA convolutions (forward; input gradient; native kernel gradient);
-* ``conv kernel grad (taps)``: jaxdiff's tap-matmul kernel gradient
+* ``conv kernel grad (jaxdiff)``: jaxdiff's blocked-matmul kernel gradient
   (:mod:`jaxdiff.nets.conv`): the strided input views and their matrix products;
 * ``attention``, ``norm``, ``dropout``, ``dense`` (Dense layers), ``elementwise / other``;
 * ``optimizer / EMA``: everything outside the model's forward and backward.
@@ -68,7 +68,7 @@ def categorize(op_name: str) -> str:
         kind = "conv"
     elif phase == "bwd" and re.search(r"(^|/)(slice|split|dot_general|pad|stack)$", op_name) \
             and not re.search(r"attn|Dense|Attention", op_name):
-        kind = "conv kernel grad (taps)"
+        kind = "conv kernel grad (jaxdiff)"
     elif re.search(r"attn|Attention", op_name):
         kind = "attention"
     elif re.search(r"[Nn]orm", op_name):

@@ -12,7 +12,8 @@ and one EMA copy (0.999) -- what ``configs/cifar10_ddpm.py`` runs, at a CPU-size
 
 Prints steps/s of each, the ratio jaxdiff / PyTorch, medians over ``--repeats`` timed steps after
 ``--warmup`` steps, and a JSON line. ``--conv-impl xla`` measures jaxdiff with XLA's native
-convolution gradient instead of the CPU default (``auto`` = tap-matmul kernel gradient).
+convolutions instead of the CPU default (``auto``: blocked-matmul kernel gradient, sub-pixel
+upsampling conv; see :mod:`jaxdiff.nets.conv`).
 
     python benchmarks/training_vs_torch.py [--batch 32] [--repeats 5] [--conv-impl auto]
 """

@@ -11,7 +11,7 @@ The kernel gradient of a convolution without dilation is a sum over the ``kh * k
 
 i.e. ordinary matrix products of shifted (strided) views of the padded input with the output
 gradient (the "im2col" view of Chellapilla et al. 2006, "High Performance Convolutional Neural
-Networks for Document Processing"). jaxdiff computes it as follows (``_kernel_grad_taps``):
+Networks for Document Processing"). jaxdiff computes it as follows (``_kernel_grad_blocked``):
 the ``kw`` column-shifted views are concatenated along channels, so that each kernel *row* is
 one product ``g^T A_i`` of shape ``(C_out, kw * C_in)``; and the batch is processed in blocks
 of about :data:`KERNEL_GRAD_CHUNK_PIXELS` output pixels, summed in a ``lax.scan``, so that a
@@ -65,9 +65,9 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 AUTO_MIN_CHANNELS = 64
-"""``impl="auto"`` on CPU: smallest C_in and C_out for which the tap-matmul gradient is used."""
+"""``impl="auto"`` on CPU: smallest C_in and C_out for which the blocked-matmul kernel gradient is used."""
 AUTO_MIN_PIXELS = 16 * 16
-"""``impl="auto"`` on CPU: smallest output H * W for which the tap-matmul gradient is used."""
+"""``impl="auto"`` on CPU: smallest output H * W for which the blocked-matmul kernel gradient is used."""
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -85,7 +85,7 @@ def _all_ones(v) -> bool:
 
 def uses_matmul_grad(lhs_ndim, dimension_numbers, lhs_dilation=None, rhs_dilation=None,
                      feature_group_count=1, batch_group_count=1) -> bool:
-    """Whether a convolution with these arguments is eligible for the tap-matmul kernel grad."""
+    """Whether a convolution with these arguments is eligible for the blocked-matmul kernel gradient."""
     if lhs_ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
         return False
     if not (_all_ones(lhs_dilation) and _all_ones(rhs_dilation)):
@@ -105,7 +105,7 @@ KERNEL_GRAD_CHUNK_PIXELS = 2048
 """Output pixels per block of the blocked kernel gradient (a divisor of the batch is used)."""
 
 
-def _kernel_grad_taps(x, g, kernel_shape, strides, pads, precision,
+def _kernel_grad_blocked(x, g, kernel_shape, strides, pads, precision,
                       chunk_pixels: int = KERNEL_GRAD_CHUNK_PIXELS):
     """``dK`` from matmuls of shifted views of the padded input with ``g``, blocked over the batch.
 
@@ -164,7 +164,7 @@ def _bwd(strides, pads, precision, res, g):
     (dx,) = jax.linear_transpose(
         lambda x_: _conv_nhwc(x_, k, strides, pads, precision), x
     )(g)
-    dk = _kernel_grad_taps(x, g.astype(x.dtype), k.shape, strides, pads, precision)
+    dk = _kernel_grad_blocked(x, g.astype(x.dtype), k.shape, strides, pads, precision)
     return dx, dk.astype(k.dtype)
 
 
@@ -192,12 +192,12 @@ def conv_general_dilated(
     *,
     impl: str = "auto",
 ):
-    """``lax.conv_general_dilated`` with the tap-matmul kernel gradient where eligible.
+    """``lax.conv_general_dilated`` with the blocked-matmul kernel gradient where eligible.
 
     Same arguments and forward result as ``lax.conv_general_dilated``; ``impl`` is
     ``"auto"`` (matmul kernel gradient on the CPU backend only, for convolutions with >= 64
     input and output channels and >= 16x16 output pixels: see the module docstring), ``"xla"`` (always lax) or
-    ``"matmul"`` (always the tap-matmul gradient where eligible; lax otherwise).
+    ``"matmul"`` (always the blocked-matmul kernel gradient where eligible; lax otherwise).
     """
     auto = impl == "auto"
     impl = resolve_conv_impl(impl)
@@ -312,7 +312,7 @@ def _upsample_conv_fwd(x, kernel, impl, precision):
 
 def _upsample_conv_bwd(impl, precision, res, g):
     # Same linear map, computed as four separate 2x2 convolutions: their gradients (XLA's input
-    # gradient, the tap-matmul kernel gradient) are faster here than those of the fused one.
+    # gradient, the blocked-matmul kernel gradient) are faster here than those of the fused one.
     x, kernel = res
     _, vjp = jax.vjp(lambda x_, k_: _upsample_conv_phases(x_, k_, impl, precision), x, kernel)
     return vjp(g.astype(x.dtype))
@@ -329,7 +329,7 @@ def upsample2x_conv3x3(x, kernel, *, impl: str = "auto", precision=None):
     CPU) it is the sub-pixel form (see the comment above ``_PHASE_ROWS``): 16/36 of the
     multiply-adds, computed on the low-resolution grid, forward as one 2x2 convolution with
     ``4 * C_out`` outputs; the gradient as four 2x2 convolutions through
-    :func:`conv_general_dilated` (tap-matmul kernel gradient under the usual shape rule).
+    :func:`conv_general_dilated` (blocked-matmul kernel gradient under the usual shape rule).
     Equal to the direct form up to float rounding (measured: < 2e-6 relative for values and
     both gradients).
     """

@@ -1,4 +1,4 @@
-"""The tap-matmul convolution (jaxdiff.nets.conv) against lax.conv_general_dilated.
+"""The CPU convolution paths (jaxdiff.nets.conv) against lax.conv_general_dilated.
 
 Reference: XLA's own convolution and its autodiff gradients (``lax.conv_general_dilated``),
 an independent implementation of the same operator.
