@@ -37,6 +37,15 @@ def _grads(fn, x, k, b, g):
     return (y,) + vjp(g)
 
 
+def _assert_same_values_and_grads(ref_fn, new_fn, x, k, b, g, tol=1e-5):
+    """``ref_fn(x, k) + b`` and ``new_fn(x, k) + b``: outputs and all three gradients agree."""
+    ref = jax.jit(lambda *a: _grads(ref_fn, *a))(x, k, b, g)
+    new = jax.jit(lambda *a: _grads(new_fn, *a))(x, k, b, g)
+    for name, r, n in zip(("output", "d_input", "d_kernel", "d_bias"), ref, new):
+        assert r.shape == n.shape, name
+        assert _rel(r, n) < tol, (name, _rel(r, n))
+
+
 # (batch, H, W, C_in, C_out, kernel, stride, padding): UNet channel counts (conv_in 3->128,
 # 128->128, 128->256, 256->256), the stride-2 downsample, a 1x1, DiT's patchify, odd sizes,
 # explicit asymmetric padding; the last two have more than KERNEL_GRAD_CHUNK_PIXELS output pixels
@@ -68,11 +77,7 @@ def test_forward_and_gradients_match_lax(case):
     )
     out_shape = jax.eval_shape(ref_fn, x, k).shape
     g = jax.random.normal(kg, out_shape)
-    ref = jax.jit(lambda *a: _grads(ref_fn, *a))(x, k, b, g)
-    new = jax.jit(lambda *a: _grads(new_fn, *a))(x, k, b, g)
-    for name, r, n in zip(("output", "d_input", "d_kernel", "d_bias"), ref, new):
-        assert r.shape == n.shape, name
-        assert _rel(r, n) < 1e-5, (name, _rel(r, n))
+    _assert_same_values_and_grads(ref_fn, new_fn, x, k, b, g)
 
 
 def test_custom_vjp_is_actually_used():
@@ -228,12 +233,8 @@ def test_upsample_conv_matches_upsample_then_conv(case, impl):
     k = jax.random.normal(kk, (3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1])
     b = jax.random.normal(kb, (cout,))
     g = jax.random.normal(kg, (shape[0], 2 * shape[1], 2 * shape[2], cout))
-    ref = jax.jit(lambda *a: _grads(_upsample_then_conv, *a))(x, k, b, g)
     fn = lambda x, k: upsample2x_conv3x3(x, k, impl=impl)  # noqa: E731
-    new = jax.jit(lambda *a: _grads(fn, *a))(x, k, b, g)
-    for name, r, n in zip(("output", "d_input", "d_kernel", "d_bias"), ref, new):
-        assert r.shape == n.shape, name
-        assert _rel(r, n) < 1e-5, (name, _rel(r, n))
+    _assert_same_values_and_grads(_upsample_then_conv, fn, x, k, b, g)
 
 
 def test_upsample_conv_does_fewer_flops():
