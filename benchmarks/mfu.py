@@ -5,8 +5,8 @@ MFU = (model FLOPs of one train step, from XLA's cost analysis) / (median step t
 
 Model FLOPs are counted on the ``conv_impl="xla"`` compilation of the step (the network as
 defined: direct convolutions, nearest upsampling followed by a 3x3 conv); the timed step is the
-one of ``--conv-impl``, whose executed FLOPs (also printed) are lower where the CPU path computes
-the upsampling conv in its sub-pixel form. (The cost analysis of the timed executable is also
+one of ``--conv-impl``, which executes fewer FLOPs where the CPU path computes the upsampling
+conv in its sub-pixel form. (The cost analysis of the timed executable is also
 recorded, as ``executed_flops_per_step``; it counts the body of a ``lax.scan`` -- the blocked
 kernel gradient -- once, so it is not a FLOP count of the step.)
 

@@ -55,13 +55,13 @@ def instruction_op_names(hlo_text: str) -> dict[str, str]:
 
 def categorize(op_name: str) -> str:
     """A coarse category of one HLO instruction from its ``op_name`` metadata."""
-    phase = "bwd" if "transpose(" in op_name else ("fwd" if op_name else "")
-    if "jvp(" not in op_name and "transpose(" not in op_name and "/UNet" not in op_name \
-            and "/DiT" not in op_name:
-        phase = ""
-    last = op_name.rsplit("/", 1)[-1]
-    if not phase:
+    if "transpose(" in op_name:
+        phase = "bwd"
+    elif re.search(r"jvp\(|/UNet|/DiT", op_name):
+        phase = "fwd"
+    else:
         return "optimizer / EMA / other"
+    last = op_name.rsplit("/", 1)[-1]
     if "Dropout" in op_name:
         kind = "dropout"
     elif "conv_general_dilated" in last:
@@ -96,7 +96,8 @@ def thunk_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 
 
 def build(what: str, batch: int, conv_impl: str):
-    """``(fn, args, advance)``: a jitted function, its arguments and how to chain calls."""
+    """``(fn, args_now, call)``: the jitted function, a thunk giving its current arguments (for
+    lowering) and one call (train: one step on the carried state)."""
     import jax
     import jax.numpy as jnp
 
