@@ -1,11 +1,16 @@
 """``train_step(state, batch) -> (state, metrics)``: one optimizer step of the configured loss.
 
-Non-finite guard: if the loss, the gradients or the update hold a NaN/Inf, the step keeps
-params, optimizer state and EMA copies unchanged (a ``jnp.where`` select inside the jitted step,
-so no host sync; like ``optax.apply_if_finite``) and reports ``metrics["nonfinite"] = 1``. The
-step counter still advances, so the next step sees the next batch. ``config.train.nonfinite``
-says what the loop does about it: ``"skip"`` (count it and go on) or ``"error"`` (stop, naming
-the step; see :mod:`jaxdiff.train.loop`).
+Non-finite guard: if the loss or the gradients hold a NaN/Inf, the step keeps params, optimizer
+state and EMA copies unchanged and reports ``metrics["nonfinite"] = 1``. The update is applied
+under a ``lax.cond`` on that predicate, as ``optax.apply_if_finite`` does: a device-side branch,
+no host sync. An elementwise ``jnp.where`` between old and new states instead costs a select
+pass over every params-sized array: on the 2-vCPU CI machine the clip + AdamW + EMA part of the
+8.95M-parameter benchmark UNet's step took 90 ms with such a select (and a norm of the update),
+64 ms with the select alone, 38-42 ms with the ``lax.cond`` and 35-38 ms with no guard. Finite gradients and a finite state give a finite AdamW update (it divides by
+``sqrt(nu) + eps > 0``), so the update itself needs no check. The step counter still advances,
+so the next step sees the next batch. ``config.train.nonfinite`` says what the loop does about
+it: ``"skip"`` (count it and go on) or ``"error"`` (stop, naming the step; see
+:mod:`jaxdiff.train.loop`).
 """
 
 from __future__ import annotations
@@ -77,23 +82,25 @@ def make_train_step(config, model, tx):
             return jnp.mean(diffusion_loss(net, x0, k_loss, **loss_kwargs))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         step = state.step + 1
-        ema = {
-            name: jax.tree.map(
-                lambda e, p, _b=ema_decay(spec, step, batch_size): _b * e + (1.0 - _b) * p,
-                state.ema[name], params,
-            )
-            for name, spec in specs.items()
-        }
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def keep_if_bad(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        def apply_update(old):
+            old_params, old_opt_state, old_ema = old
+            updates, opt_state = tx.update(grads, old_opt_state, old_params)
+            params = optax.apply_updates(old_params, updates)
+            ema = {
+                name: jax.tree.map(
+                    lambda e, p, _b=ema_decay(spec, step, batch_size): _b * e + (1.0 - _b) * p,
+                    old_ema[name], params,
+                )
+                for name, spec in specs.items()
+            }
+            return params, opt_state, ema
 
-        params, opt_state, ema = keep_if_bad((params, opt_state, ema), (state.params, state.opt_state, state.ema))
+        params, opt_state, ema = jax.lax.cond(
+            ok, apply_update, lambda old: old, (state.params, state.opt_state, state.ema))
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": jnp.logical_not(ok).astype(jnp.int32)}
         return TrainState(step=step, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
 
