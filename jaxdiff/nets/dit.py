@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .conv import Conv
+from .dropout import Dropout
 from .layers import (
     LabelEmbedder,
     Norm32,
@@ -69,7 +70,7 @@ class DiTBlock(nn.Module):
             f, kernel_init=init, bias_init=zeros, name=name, **kw
         )
         norm = lambda name: Norm32(0, 1e-6, use_affine=False, name=name, **kw)  # noqa: E731
-        drop = nn.Dropout(self.dropout, deterministic=not train)
+        drop = Dropout(self.dropout, deterministic=not train)
 
         mod = dense(6 * d, "adaLN_modulation", zeros)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)

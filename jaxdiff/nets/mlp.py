@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .dropout import Dropout
 from .layers import LabelEmbedder, TimestepEmbedder, resolve_labels, xavier_uniform, zeros
 
 Dtype = Any
@@ -65,6 +66,6 @@ class MLP(nn.Module):
         for i in range(self.depth):
             h = h + dense(self.hidden, f"cond_{i}")(c)
             h = dense(self.hidden, f"dense_{i}")(nn.silu(h))
-            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+            h = Dropout(self.dropout, deterministic=not train)(h)
         out = dense(self.out_dim or dim, "dense_out")(nn.silu(h))
         return out.astype(jnp.float32)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .conv import Conv, UpsampleConv
+from .dropout import Dropout
 from .layers import (
     LabelEmbedder,
     Norm32,
@@ -108,7 +109,7 @@ class ResnetBlock(nn.Module):
         h = _conv(self.out_ch, "conv1", conv_impl=self.conv_impl, **kw)(h)
         h = h + _dense(self.out_ch, "temb_proj", **kw)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(Norm32(self.norm_groups, **kw, name="norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, "conv2", zero_init=True, conv_impl=self.conv_impl, **kw)(h)
         if c_in != self.out_ch:
             x = _dense(self.out_ch, "nin_shortcut", **kw)(x)
