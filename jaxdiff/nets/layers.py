@@ -345,19 +345,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     # Written for XLA:CPU, exact in arithmetic to softmax(q k^T / sqrt(d)) v:
     # * heads are moved next to the batch before the two batched matmuls (4x faster forward
     #   than the einsum with heads in the middle at 8 x 256 tokens x 6 heads x 64);
-    # * 1 / sqrt(d) scales q (N x d) rather than the logits (N x N), and the softmax
-    #   normalisation divides the output (N x d) rather than the weights (N x N): at the
-    #   benchmark UNet's 16x16x128 one-head shape, batch 32, forward 7-9 vs 14-15 ms and
-    #   forward + backward 30-37 vs 49-59 ms in isolation (torch's
-    #   scaled_dot_product_attention: 5.1 / 19.9 ms); 2-vCPU CI machine, jax 0.10.2. Inside
-    #   the whole UNet XLA fuses the old form better: train step 2.57 vs 2.60 s, forward at
-    #   batch 16 unchanged (interleaved medians);
+    # * the softmax normalisation divides the output (N x d) rather than the weights (N x N),
+    #   and 1 / sqrt(d) is applied inside the exponent, exp(scale * (logits - max)), in the
+    #   same fused pass (scaling q instead would round q / sqrt(d) to bf16 for bf16 inputs).
+    #   At the benchmark UNet's 16x16x128 one-head shape, batch 32, forward 8-11 vs 14-15 ms
+    #   and forward + backward 29-38 vs 49-59 ms for the form that normalises the weights, in
+    #   isolation (torch's scaled_dot_product_attention: 5.1 / 19.9 ms); 2-vCPU CI machine,
+    #   jax 0.10.2. Inside the whole UNet XLA fused the old form nearly as well: train step
+    #   2.57 vs 2.60 s, forward at batch 16 unchanged (interleaved medians);
     # * the row max is held out of the gradient (softmax is shift invariant, so this is exact),
     #   which XLA fuses better than jax.nn.softmax's custom JVP.
     scale = q.shape[-1] ** -0.5
-    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q * jnp.asarray(scale, q.dtype), k, v))
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, heads, N, head_dim)
     logits = jnp.matmul(qt, jnp.swapaxes(kt, -1, -2), preferred_element_type=jnp.float32)
-    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    e = jnp.exp(scale * (logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))))
     out = jnp.matmul(e.astype(v.dtype), vt, preferred_element_type=jnp.float32)
     out = out / jnp.sum(e, axis=-1, keepdims=True)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)

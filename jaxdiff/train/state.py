@@ -8,6 +8,7 @@ stores it as a plain array; per-step keys are ``jax.random.fold_in(rng, step)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -47,8 +48,35 @@ def learning_rate_schedule(optim) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+# (field, default, valid?, rule as printed)
+_OPTIM_RULES = (
+    ("lr", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite"),
+    ("eps", 1e-8, lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+    ("b1", 0.9, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("b2", 0.999, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite"),
+)
+
+
+def _check_optim(optim) -> None:
+    """AdamW's update is finite for finite gradients only if eps > 0 and b1, b2 < 1 (the bias
+    correction divides by 1 - b**t); the train step's non-finite guard relies on that."""
+    for name, default, valid, rule in _OPTIM_RULES:
+        value = float(optim.get(name, default))
+        if not valid(value):
+            raise ValueError(f"config.optim.{name}={value} is invalid: must be {rule}")
+    clip = optim.get("grad_clip")
+    if clip and not (math.isfinite(float(clip)) and float(clip) > 0):
+        raise ValueError(f"config.optim.grad_clip={clip} is invalid: must be > 0 (or 0 / None for no clipping)")
+
+
 def make_optimizer(optim) -> optax.GradientTransformation:
-    """AdamW with warmup + constant/cosine schedule and global-norm gradient clipping."""
+    """AdamW with warmup + constant/cosine schedule and global-norm gradient clipping.
+
+    Raises ValueError for hyperparameters under which AdamW's update can be non-finite for
+    finite gradients (``eps <= 0``, ``b1`` or ``b2`` outside [0, 1), a negative or infinite lr
+    or weight decay)."""
+    _check_optim(optim)
     chain = []
     if optim.get("grad_clip"):
         chain.append(optax.clip_by_global_norm(float(optim.grad_clip)))

@@ -42,9 +42,15 @@ def test_gradients_match_jax_nn():
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
 
 
-def test_bfloat16_inputs_give_bfloat16_close_to_float32():
-    q, k, v = _qkv((2, 16, 2, 16), seed=3)
-    out = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+@pytest.mark.parametrize("head_dim", [64, 72, 128])  # 1/sqrt(d) exact in bf16 only for 64
+def test_bfloat16_inputs_give_bfloat16_close_to_float64(head_dim):
+    """bf16 in, bf16 out, logits and softmax in float32: with logits around 10 (spread 3) the
+    error stays within 0.6% of the largest output (measured 0.26%; rounding q / sqrt(d) to
+    bf16 before the product measured 0.97% at head_dim 72 and 1.4% at 128)."""
+    q, k, v = _qkv((2, 64, 2, head_dim), seed=3, spread=3.0)
+    qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    out = dot_product_attention(qb, kb, vb)
     assert out.dtype == jnp.bfloat16
-    ref = _reference(q, k, v)
-    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05 * np.abs(ref).max())
+    ref = _reference(*(np.asarray(a, np.float32) for a in (qb, kb, vb)))  # same bf16 inputs
+    err = np.abs(np.asarray(out, np.float32) - ref).max()
+    assert err < 0.006 * np.abs(ref).max(), (err, np.abs(ref).max())

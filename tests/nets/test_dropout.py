@@ -91,6 +91,29 @@ def test_survivors_scaled_so_expectation_is_exact():
     assert np.all(np.abs(mean - 1.0) < 5 * se) and abs(mean.mean() - 1.0) < 5 * se / 16
 
 
+def test_bfloat16_survivors_scaled_in_float32():
+    """The scale is applied in float32 and the product rounded once to bf16: over 2**18
+    survivors of random bf16 values the mean relative error against x / keep is ~0 (< 1e-4);
+    a bf16 scale (1.109375 for 1.1111) would make it -1.6e-3."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (512, 512)), jnp.bfloat16)
+    y = dropout(jax.random.key(6), x, 0.1)
+    assert y.dtype == jnp.bfloat16
+    t = round(0.1 * DROPOUT_LEVELS)
+    xf, yf = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    kept = yf != 0
+    exact = xf[kept] * DROPOUT_LEVELS / (DROPOUT_LEVELS - t)
+    assert abs(np.mean(yf[kept] / exact - 1.0)) < 1e-4
+
+
+def test_broadcast_dims_share_the_mask():
+    x = jnp.ones((4, 8, 8, 16))
+    y = np.asarray(dropout(jax.random.key(8), x, 0.5, broadcast_dims=(1, 2)))
+    assert np.all(y == y[:, :1, :1, :])  # one mask per (example, channel)
+    assert 0 < (y[:, 0, 0, :] == 0).mean() < 1
+    np.testing.assert_array_equal(
+        np.asarray(Dropout(0.5, broadcast_dims=(1, 2)).apply({}, x, deterministic=False, rng=jax.random.key(8))), y)
+
+
 def test_gradient_is_the_scaled_mask():
     x = jnp.ones((4, 32))
     key = jax.random.key(9)
@@ -111,6 +134,8 @@ def test_edge_rates_shapes_dtypes_and_key_types():
     assert dropout(key, x.astype(jnp.bfloat16), 0.5).dtype == jnp.bfloat16
     raw = jax.random.PRNGKey(0)  # raw uint32[2] of the default implementation: same words
     np.testing.assert_array_equal(np.asarray(dropout(raw, x, 0.5)), np.asarray(dropout(key, x, 0.5)))
+    with pytest.raises(ValueError, match=r"one PRNG key, got a batch of keys of shape \(2,\)"):
+        dropout(jax.random.split(key), x, 0.5)
     rbg = jax.random.key(0, impl="unsafe_rbg")
     keep = np.asarray(dropout_keep_mask(rbg, (20_000,), 0.5))
     assert abs(keep.mean() - 0.5) < 5 * 0.5 / np.sqrt(keep.size)

@@ -119,3 +119,37 @@ def test_save_refuses_nonfinite_params(tmp_path):
         assert ckpt.all_steps() == [] and os.listdir(ckpt.directory) == []
     finally:
         ckpt.close()
+
+
+@pytest.mark.parametrize("use_cond", [True, False])
+def test_apply_if_ok_both_forms(use_cond):
+    from jaxdiff.train.step import apply_if_ok
+
+    old = ({"w": jnp.arange(3.0)}, jnp.int32(4))
+    update = lambda o: ({"w": o[0]["w"] * 2 + jnp.nan * (o[1] > 9)}, o[1] + 1)  # noqa: E731
+    f = jax.jit(lambda ok, o: apply_if_ok(ok, update, o, use_cond=use_cond))
+    new = f(jnp.bool_(True), old)
+    np.testing.assert_array_equal(np.asarray(new[0]["w"]), [0.0, 2.0, 4.0])
+    assert int(new[1]) == 5
+    kept = f(jnp.bool_(False), old)
+    assert _leaves_equal(kept, old)
+    hlo = f.lower(jnp.bool_(True), old).as_text()
+    assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == use_cond
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eps", 0.0, "config.optim.eps=0.0 is invalid: must be > 0 and finite"),
+    ("b1", 1.0, r"config.optim.b1=1.0 is invalid: must be in \[0, 1\)"),
+    ("b2", 1.5, r"config.optim.b2=1.5 is invalid: must be in \[0, 1\)"),
+    ("lr", float("nan"), "config.optim.lr=nan is invalid: must be >= 0 and finite"),
+    ("weight_decay", -0.1, "config.optim.weight_decay=-0.1 is invalid"),
+    ("grad_clip", -1.0, "config.optim.grad_clip=-1.0 is invalid: must be > 0"),
+])
+def test_optimizer_rejects_settings_that_make_finite_grads_nonfinite(field, value, message):
+    """The guard checks only the loss and gradients; AdamW with eps = 0 (0 / 0 on a zero
+    gradient) or b = 1 (bias correction 1 - b**t = 0) would write NaN into the params unseen."""
+    cfg = _config("skip")
+    make_optimizer(cfg.optim)  # the defaults are fine
+    cfg.optim[field] = value
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(cfg.optim)
