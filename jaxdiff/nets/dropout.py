@@ -22,7 +22,8 @@ XLA fuses it with the mask into one elementwise loop) gives 64 random bits, cut 
 The rate is quantised to a multiple of ``2**-16`` (0.1 is applied as 6554 / 65536 =
 0.1000061); survivors are scaled by ``1 / (1 - quantised rate)`` in float32 and then rounded to
 ``x``'s dtype, so ``E[dropout(x)] = x`` up to that one rounding (exactly, in float32 arithmetic;
-``flax.linen.Dropout`` casts the scale itself to bf16, a +0.17% bias at rate 0.1).
+``flax.linen.Dropout`` casts the scale itself to bf16: at rate 0.1 its survivors of bf16
+values in [1, 2) came out 0.18% high on average).
 """
 
 from __future__ import annotations

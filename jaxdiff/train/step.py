@@ -59,10 +59,10 @@ def apply_if_ok(ok, update, old, *, use_cond: bool | None = None):
     clip + AdamW + EMA part of the 8.95M-parameter benchmark UNet's step took 38-42 ms that way,
     35-38 ms with no guard, and 64 ms with the select below (90 ms with it and a norm of the
     update, the guard before). ``use_cond=False``: ``jnp.where(ok, new, old)`` per leaf, which
-    XLA:GPU fuses into the update's own kernels; XLA:GPU runs a conditional by copying the
-    predicate to the host and waiting for it, which would stall the stream after the backward
-    pass (not measured here: no GPU). ``None`` (default) picks the select on GPU, the cond
-    elsewhere (CPU, TPU).
+    XLA:GPU can fuse into the update's own kernels. XLA:GPU's ``ConditionalThunk`` (openxla/xla)
+    copies the predicate to the host and waits for it, which would hold back the update kernels
+    until the backward pass is done. Neither GPU cost is measured here (no GPU). ``None``
+    (default) picks the select on GPU, the cond elsewhere (CPU, TPU).
     """
     if use_cond is None:
         use_cond = jax.default_backend() != "gpu"
