@@ -15,7 +15,12 @@ backward, against torch's ``interpolate`` + ``Conv2d``.
 Prints one JSON line per shape with the ratios ``torch fwd+bwd / jax fwd+dx+dw`` for both kernel
 gradients -- the figure that decides ``AUTO_MIN_CHANNELS`` / ``AUTO_MIN_PIXELS``.
 
-    python benchmarks/conv_backward.py [--repeats 5] [--json out.jsonl]
+Every jax function is compiled with :func:`jaxdiff.compile_options.jit` (on CPU: XLA's own
+convolutions instead of YNNPACK's); ``--compile jaxlib-default`` compiles them with jaxlib's
+defaults instead (YNNPACK convolutions), the setting under which the blocked kernel gradient was
+developed.
+
+    python benchmarks/conv_backward.py [--repeats 5] [--compile jaxdiff|jaxlib-default] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -42,18 +47,23 @@ UPSAMPLE_SHAPES = [(16, 16, 128), (32, 16, 128), (32, 8, 128)]  # (batch, H_in =
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", choices=["jaxdiff", "jaxlib-default"], default="jaxdiff")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.compile == "jaxlib-default":
+        os.environ["JAXDIFF_CPU_COMPILER_OPTIONS"] = "0"
 
     import jax
     import jax.numpy as jnp
     from jax import lax
 
+    from jaxdiff import compile_options as CO
     from jaxdiff.nets import conv as C
 
     torch = common.setup_torch()
     dn = ("NHWC", "HWIO", "NHWC")
-    common.emit({"benchmark": "conv_backward", "machine": common.machine_info()}, args.json)
+    common.emit({"benchmark": "conv_backward", "compile": args.compile,
+                 "compiler_options": CO.compiler_options(), "machine": common.machine_info()}, args.json)
     for b, h, w, cin, cout in SHAPES:
         kx, kk, kg = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(kx, (b, h, w, cin))
@@ -64,10 +74,10 @@ def main():
             return lambda x, k: C.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn, impl=impl)
 
         # x, k and g are arguments (not closed-over constants) so XLA cannot fold work on them.
-        fwd = jax.jit(conv("xla"))
-        dx = jax.jit(lambda x, k, g: jax.vjp(conv("xla"), x, k)[1](g)[0])
-        dw_native = jax.jit(lambda x, k, g: jax.vjp(conv("xla"), x, k)[1](g)[1])
-        dw_taps = jax.jit(lambda x, k, g: jax.vjp(conv("matmul"), x, k)[1](g)[1])
+        fwd = CO.jit(conv("xla"))
+        dx = CO.jit(lambda x, k, g: jax.vjp(conv("xla"), x, k)[1](g)[0])
+        dw_native = CO.jit(lambda x, k, g: jax.vjp(conv("xla"), x, k)[1](g)[1])
+        dw_taps = CO.jit(lambda x, k, g: jax.vjp(conv("matmul"), x, k)[1](g)[1])
         a = dw_native(x, k, g)
         err = float(jnp.max(jnp.abs(dw_taps(x, k, g) - a)) / jnp.max(jnp.abs(a)))
         t = {name: common.median_time(fn, repeats=args.repeats)["median_s"] for name, fn in [
@@ -92,7 +102,7 @@ def main():
         jax_native = t["jax_fwd"] + t["jax_dx"] + t["jax_dw_native"]
         jax_taps = t["jax_fwd"] + t["jax_dx"] + t["jax_dw_taps"]
         auto = C.uses_matmul_grad(4, dn) and cin >= C.AUTO_MIN_CHANNELS and cout >= C.AUTO_MIN_CHANNELS \
-            and h * w >= C.AUTO_MIN_PIXELS
+            and h * w >= C.AUTO_MIN_PIXELS and not CO.cpu_convolutions_on_eigen()
         common.emit({
             "shape_bhwc_cout": [b, h, w, cin, cout],
             **{key: round(v * 1e3, 2) for key, v in t.items()},
@@ -112,6 +122,7 @@ def upsample_conv(args, torch):
     import jax.numpy as jnp
     from jax import lax
 
+    from jaxdiff import compile_options as CO
     from jaxdiff.nets import conv as C
 
     dn = ("NHWC", "HWIO", "NHWC")
@@ -126,12 +137,12 @@ def upsample_conv(args, torch):
             return C.conv_general_dilated(up, k, (1, 1), "SAME", dimension_numbers=dn, impl="auto")
 
         def subpixel(x, k):
-            return C.upsample2x_conv3x3(x, k, impl="matmul")
+            return C.upsample2x_conv3x3(x, k, impl="auto")
 
         t = {}
         for name, f in (("direct", direct), ("subpixel", subpixel)):
-            fw = jax.jit(f)
-            fb = jax.jit(lambda x, k, g, f=f: jax.vjp(f, x, k)[1](g))
+            fw = CO.jit(f)
+            fb = CO.jit(lambda x, k, g, f=f: jax.vjp(f, x, k)[1](g))
             t[f"jax_{name}_fwd"] = common.median_time(lambda: fw(x, k), repeats=args.repeats)["median_s"]
             t[f"jax_{name}_fwd_bwd"] = common.median_time(lambda: fb(x, k, g), repeats=args.repeats)["median_s"]
         ref = jax.jit(lambda x, k: lax.conv_general_dilated(

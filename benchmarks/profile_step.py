@@ -122,7 +122,9 @@ def build(what: str, batch: int, conv_impl: str):
     t = jnp.full((batch,), 0.5)
     params = jax.jit(lambda k: model.init(k, x[:1], t[:1], None))(jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda p: p + 0.01, params)  # zero-init layers would output exactly 0
-    fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, None))
+    from jaxdiff import compile_options
+
+    fwd = compile_options.jit(lambda p, x, t: model.apply({"params": p}, x, t, None))
     return fwd, (lambda: (params, x, t)), (lambda: fwd(params, x, t))
 
 

@@ -79,6 +79,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
+    from jaxdiff import compile_options
     from jaxdiff import parameterization as PZ
     from jaxdiff import processes as P
     from jaxdiff import samplers
@@ -94,7 +95,7 @@ def main():
     net = lambda p, x, t: model.apply({"params": p}, x, t)  # noqa: E731
 
     t_in = jnp.full((BATCH,), 500.0)
-    call = jax.jit(net)
+    call = compile_options.jit(net)
     model_call = lambda: call(params, x, t_in)  # noqa: E731
     common.log(f"UNet {n_params:,} params, batch {BATCH}, {SIZE}x{SIZE}x{CH}")
 
@@ -113,7 +114,7 @@ def main():
             return x
 
         def make(den):
-            return jax.jit(lambda p, x, g: fn(den(p), x, g, key=key))
+            return compile_options.jit(lambda p, x, g: fn(den(p), x, g, key=key))
 
         # NFE: an untimed run with a counting denoiser
         counting = make(lambda p: PZ.make_denoiser(lambda x, t: counted(net(p, x, t), t), proc, "epsilon"))
@@ -121,7 +122,7 @@ def main():
         nfe = calls[0]
         loop = make(lambda p: PZ.make_denoiser(lambda x, t: net(p, x, t), proc, "epsilon"))
         # the same NFE model calls in a bare lax.scan (state fed through, no sampler arithmetic)
-        bare = jax.jit(lambda p, x, ts: jax.lax.scan(lambda c, t: (net(p, c, jnp.full((BATCH,), t)), None), x, ts)[0])
+        bare = compile_options.jit(lambda p, x, ts: jax.lax.scan(lambda c, t: (net(p, c, jnp.full((BATCH,), t)), None), x, ts)[0])
         ts = jnp.linspace(999.0, 0.0, nfe)
         r = interleaved(model_call, lambda: loop(params, x, grid), lambda: bare(params, x, ts), args.repeats)
         over_wall = r["loop_wall"] - nfe * r["model_wall"]

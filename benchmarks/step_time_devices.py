@@ -25,7 +25,7 @@ CHILD = r"""
 import json, sys, time, statistics
 sys.path.insert(0, ROOT)
 import jax, numpy as np
-from jaxdiff import parallel
+from jaxdiff import compile_options, parallel
 from jaxdiff.data import batch_iterator, make_source
 from jaxdiff.modeling import build_model
 from jaxdiff.train.loop import make_init_fn
@@ -42,8 +42,8 @@ model, tx = build_model(cfg), make_optimizer(cfg.optim)
 init = make_init_fn(cfg, model, tx)
 abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
 sh = parallel.state_shardings(abstract, mesh)
-state = jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(0))
-step = jax.jit(make_train_step(cfg, model, tx), in_shardings=(sh, parallel.batch_sharding(mesh)),
+state = compile_options.jit(init, out_shardings=sh)(jax.random.PRNGKey(0))
+step = compile_options.jit(make_train_step(cfg, model, tx), in_shardings=(sh, parallel.batch_sharding(mesh)),
                out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))
 batches = batch_iterator(make_source(cfg.data, "train"), int(cfg.data.batch_size), seed=0)
 batch = parallel.shard_batch(next(batches), mesh)

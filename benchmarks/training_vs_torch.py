@@ -51,6 +51,7 @@ def jaxdiff_train_step(batch: int, conv_impl: str = "auto", unet: dict | None = 
     import jax
     import numpy as np
 
+    from jaxdiff import compile_options
     from jaxdiff.modeling import build_model
     from jaxdiff.train.loop import make_init_fn
     from jaxdiff.train.state import make_optimizer
@@ -60,7 +61,7 @@ def jaxdiff_train_step(batch: int, conv_impl: str = "auto", unet: dict | None = 
     model = build_model(config)
     tx = make_optimizer(config.optim)
     state = jax.jit(make_init_fn(config, model, tx))(jax.random.PRNGKey(0))
-    step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=(0,))
+    step_fn = compile_options.jit(make_train_step(config, model, tx), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     data = {
         "image": jax.device_put(rng.standard_normal((batch, common.IMAGE_SIZE, common.IMAGE_SIZE,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdiff import parallel
+from jaxdiff import compile_options, parallel
 from jaxdiff.metrics import fid as M
 
 __all__ = ["FeatureExtractor", "get_extractor", "EXTRACTORS", "evaluate_model", "dataset_statistics",
@@ -147,7 +147,7 @@ def _jit_extractor(extractor: FeatureExtractor, mesh):
     """``extract(images)``: the extractor jitted with the batch split over ``mesh`` (each device
     extracts the features of its own images), weights replicated."""
     sharding = parallel.batch_sharding(mesh)
-    fn = jax.jit(extractor.apply, in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
+    fn = compile_options.jit(extractor.apply, in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
     variables = _on_mesh(extractor.variables, mesh)
     return lambda images: fn(variables, images)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdiff import guidance, parallel, samplers
+from jaxdiff import compile_options, guidance, parallel, samplers
 from jaxdiff.modeling import build_process, conditional_denoiser, data_shape, denoiser, null_labels, num_classes
 from jaxdiff.schedules import make_grid
 
@@ -62,7 +62,7 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
             d = denoiser(config, model, params, y)
         return fn(d, x, grid, key=k_sampler, **options)
 
-    return jax.jit(sample, out_shardings=out_sharding)
+    return compile_options.jit(sample, out_shardings=out_sharding)
 
 
 def _on_mesh(params, mesh):

@@ -39,8 +39,21 @@ def test_math_core_imports_only_jax_and_numpy(path):
             assert top in {"jax", "numpy"} | STDLIB_OK, f"{path} imports {mod}"
 
 
+LEAF_MODULES = {"jaxdiff.compile_options"}  # import only jax and the standard library (tested below)
+
+
 @pytest.mark.parametrize("path", _files("nets"), ids=os.path.basename)
 def test_nets_import_nothing_of_the_core(path):
     for mod in _imports(path):
         if mod.startswith("jaxdiff"):
-            assert mod.startswith("jaxdiff.nets"), f"{path} imports {mod}"
+            assert mod.startswith("jaxdiff.nets") or mod in LEAF_MODULES, f"{path} imports {mod}"
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level <= 1, f"{path}: relative import out of jaxdiff.nets ({'.' * node.level}{node.module or ''})"
+
+
+@pytest.mark.parametrize("mod", sorted(LEAF_MODULES))
+def test_leaf_modules_import_only_jax_and_the_standard_library(mod):
+    path = os.path.join(PKG, *mod.split(".")[1:]) + ".py"
+    for imported in _imports(path):
+        assert imported.split(".")[0] in {"jax"} | STDLIB_OK | {"os", "warnings"}, f"{path} imports {imported}"

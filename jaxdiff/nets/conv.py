@@ -1,9 +1,19 @@
-"""2-D convolution for the jaxdiff nets, with a fast kernel gradient on XLA:CPU.
+"""2-D convolution for the jaxdiff nets: a blocked-matmul kernel gradient and a sub-pixel
+upsampling conv for XLA:CPU.
 
-XLA:CPU computes the gradient of a convolution with respect to its *kernel* as another
-convolution whose "kernel" is the whole output gradient (spatial size H x W). That lowering is
-several times slower than the forward pass on CPU (2-core machine, jax 0.10.2, batch 32:
-3x3 conv 64 -> 64 at 32x32, forward 15.5 ms, kernel gradient 67.8 ms).
+**Which path runs by default.** jaxdiff compiles its own functions with
+:mod:`jaxdiff.compile_options`, which on CPU keeps convolutions on XLA's own (Eigen) kernels
+instead of YNNPACK's. Under those options XLA's kernel gradient is the fastest one measured, so
+``impl="auto"`` keeps XLA's convolutions and gradients and only the upsampling layer takes the
+sub-pixel form below (batch 32, 16x16 -> 32x32, 128 channels: forward 17.1 vs 44.5 ms, forward +
+backward 67.5 vs 97.3 ms; 2026-11-30, jax 0.10.2, 2-core machine). The blocked kernel gradient
+is what ``"auto"`` picks when those options are *not* in effect (opted out with
+``JAXDIFF_CPU_COMPILER_OPTIONS=0``, or ``XLA_FLAGS`` sets the YNNPACK fusion types), and what
+``impl="matmul"`` forces.
+
+**The blocked kernel gradient.** With jaxlib's default CPU compilation (YNNPACK convolutions),
+the gradient of a convolution with respect to its *kernel* is several times slower than the
+forward pass (batch 32, 3x3 conv 64 -> 64 at 32x32: forward 15.5 ms, kernel gradient 67.8 ms).
 
 The kernel gradient of a convolution without dilation is a sum over the ``kh * kw`` taps::
 
@@ -15,16 +25,15 @@ Networks for Document Processing"). jaxdiff computes it as follows (``_kernel_gr
 the ``kw`` column-shifted views are concatenated along channels, so that each kernel *row* is
 one product ``g^T A_i`` of shape ``(C_out, kw * C_in)``; and the batch is processed in blocks
 of about :data:`KERNEL_GRAD_CHUNK_PIXELS` output pixels, summed in a ``lax.scan``, so that a
-block's operands stay in cache. Blocking is what makes it fast: measured with
-``benchmarks/conv_backward.py`` (idle 2-core machine, 2026-11-30, batch 32, ms), kernel
-gradient by XLA / by this path: 64 -> 64 at 32x32, 67.8 / 21.7; 192 -> 64 at 32x32, 204 / 66.7;
-128 -> 128 at 32x32, 153 / 61.5; 128 -> 128 at 16x16, 24.2 / 15.8; but 128 -> 128 at 8x8,
-3.3 / 4.0 (the unblocked nine-tap form of the previous version: 37, -, 58, 16 and 4.2). So
-``impl="auto"`` on CPU takes this path when ``C_in >= 64``, ``C_out >= 64`` and the output has
-at least 16x16 pixels (:data:`AUTO_MIN_CHANNELS`, :data:`AUTO_MIN_PIXELS`). The forward pass
-and the input gradient stay XLA's own convolutions (reformulations as blocked im2col or
-row-tap products, and Winograd F(4x4, 3x3) in plain JAX, measured no faster than XLA's
-forward convolution here).
+block's operands stay in cache. Measured with ``benchmarks/conv_backward.py --compile
+jaxlib-default`` (2-core machine, 2026-11-30, batch 32, ms), kernel gradient by XLA / by this
+path: 64 -> 64 at 32x32, 67.8 / 21.7; 192 -> 64 at 32x32, 204 / 66.7; 128 -> 128 at 32x32,
+153 / 61.5; 128 -> 128 at 16x16, 24.2 / 15.8; but 128 -> 128 at 8x8, 3.3 / 4.0. So without
+jaxdiff's compile options, ``impl="auto"`` on CPU takes this path when ``C_in >= 64``,
+``C_out >= 64`` and the output has at least 16x16 pixels (:data:`AUTO_MIN_CHANNELS`,
+:data:`AUTO_MIN_PIXELS`). With them, XLA's own kernel gradient is faster still (64 -> 64 at
+32x32: 18.1 ms vs 27.2 for this path). The forward pass and the input gradient are always XLA's
+own convolutions.
 
 :func:`conv_general_dilated` is a drop-in replacement for ``lax.conv_general_dilated`` that
 takes this path (a ``jax.custom_vjp``) when
@@ -54,6 +63,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from jaxdiff.compile_options import cpu_convolutions_on_eigen
+
 __all__ = [
     "CONV_IMPLS", "Conv", "UpsampleConv", "conv_general_dilated", "resolve_conv_impl",
     "upsample2x_conv3x3", "uses_matmul_grad",
@@ -71,7 +82,8 @@ AUTO_MIN_PIXELS = 16 * 16
 
 
 def resolve_conv_impl(impl: str) -> str:
-    """``"auto"`` -> ``"matmul"`` on the CPU backend, ``"xla"`` elsewhere; checks the name."""
+    """``"auto"`` -> ``"matmul"`` (the CPU path: sub-pixel upsampling, and the kernel-gradient rule
+    of :func:`conv_general_dilated`) on the CPU backend, ``"xla"`` elsewhere; checks the name."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; valid: {CONV_IMPLS}")
     if impl == "auto":
@@ -195,8 +207,9 @@ def conv_general_dilated(
     """``lax.conv_general_dilated`` with the blocked-matmul kernel gradient where eligible.
 
     Same arguments and forward result as ``lax.conv_general_dilated``; ``impl`` is
-    ``"auto"`` (matmul kernel gradient on the CPU backend only, for convolutions with >= 64
-    input and output channels and >= 16x16 output pixels: see the module docstring), ``"xla"`` (always lax) or
+    ``"auto"`` (on the CPU backend, when :mod:`jaxdiff.compile_options` is opted out, the matmul
+    kernel gradient for convolutions with >= 64 input and output channels and >= 16x16 output
+    pixels; lax otherwise: see the module docstring), ``"xla"`` (always lax) or
     ``"matmul"`` (always the blocked-matmul kernel gradient where eligible; lax otherwise).
     """
     auto = impl == "auto"
@@ -204,7 +217,8 @@ def conv_general_dilated(
     if auto and impl == "matmul":
         out_pixels = (lhs.shape[1] // max(int(window_strides[0]), 1)) * (
             lhs.shape[2] // max(int(window_strides[1]), 1)) if lhs.ndim == 4 else 0
-        if (lhs.ndim != 4 or min(rhs.shape[-2], rhs.shape[-1]) < AUTO_MIN_CHANNELS
+        if (cpu_convolutions_on_eigen()
+                or lhs.ndim != 4 or min(rhs.shape[-2], rhs.shape[-1]) < AUTO_MIN_CHANNELS
                 or out_pixels < AUTO_MIN_PIXELS):
             impl = "xla"
     eligible = (
@@ -329,7 +343,8 @@ def upsample2x_conv3x3(x, kernel, *, impl: str = "auto", precision=None):
     CPU) it is the sub-pixel form (see the comment above ``_PHASE_ROWS``): 16/36 of the
     multiply-adds, computed on the low-resolution grid, forward as one 2x2 convolution with
     ``4 * C_out`` outputs; the gradient as four 2x2 convolutions through
-    :func:`conv_general_dilated` (blocked-matmul kernel gradient under the usual shape rule).
+    :func:`conv_general_dilated` with the same ``impl`` (so ``"auto"`` picks their kernel
+    gradient as described in the module docstring).
     Equal to the direct form up to float rounding (measured: < 2e-6 relative for values and
     both gradients).
     """

@@ -142,7 +142,8 @@ class DiT(nn.Module):
     Use :func:`dit` for the paper's presets (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...).
 
     ``conv_impl`` (``"auto"`` / ``"xla"`` / ``"matmul"``) selects the patch-embedding conv's
-    kernel gradient (:mod:`jaxdiff.nets.conv`); values and parameters do not depend on it.
+    kernel gradient (:mod:`jaxdiff.nets.conv`; ``"auto"`` is XLA's own under jaxdiff's CPU
+    compile options); values and parameters do not depend on it.
     """
 
     input_size: int = 32

@@ -181,9 +181,11 @@ class UNet(nn.Module):
       norm_groups: maximum GroupNorm groups: a C-channel norm uses the largest divisor of C
         that is <= norm_groups and leaves >= 4 channels per group (32 for DDPM widths; see
         ``layers.group_norm_groups``).
-      conv_impl: ``"auto"`` (default: on the CPU backend the blocked kernel gradient and the
-        sub-pixel upsampling conv of :mod:`jaxdiff.nets.conv`; XLA's native convolutions and
-        their gradients on GPU / TPU), ``"xla"`` or ``"matmul"`` (the CPU path anywhere).
+      conv_impl: ``"auto"`` (default: on the CPU backend the sub-pixel upsampling conv of
+        :mod:`jaxdiff.nets.conv`, and its blocked kernel gradient only where jaxdiff's CPU
+        compile options (:mod:`jaxdiff.compile_options`) are opted out; XLA's native
+        convolutions and their gradients on GPU / TPU), ``"xla"`` or ``"matmul"`` (sub-pixel
+        upsampling and the blocked kernel gradient anywhere).
         Parameters are identical; values and gradients agree to float rounding (< 1e-5).
     """
 

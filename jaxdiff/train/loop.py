@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdiff import parallel
+from jaxdiff import compile_options, parallel
 from jaxdiff.checkpoint import CheckpointManager, config_to_json
 from jaxdiff.config_base import check_config
 from jaxdiff.data import batch_iterator, make_source
@@ -208,7 +208,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
         state = ckpt.restore(abstract, latest)
         _log(f"resumed from {ckpt.directory}/{latest}")
     else:
-        state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(int(config.seed)))
+        state = compile_options.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(int(config.seed)))
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:
@@ -217,7 +217,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
     _log(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s) {dict(mesh.shape)}")
 
-    step_fn = jax.jit(
+    step_fn = compile_options.jit(
         make_train_step(config, model, tx),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),

@@ -1,0 +1,91 @@
+"""XLA compiler options jaxdiff compiles its own functions with, and :func:`jit` that applies them.
+
+On the CPU backend, jaxlib 0.10's XLA hands convolutions to YNNPACK (the debug option
+``xla_cpu_experimental_ynn_fusion_type`` lists ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``
+by default, next to ``DOT``, ``REDUCE`` and ``INDIVIDUAL_DOT``). On the 2-core machine this
+project is developed and tested on, YNNPACK ran every convolution with fewer than 128 input or
+output channels on *one* thread: a 3x3 conv 64 -> 64 at 16x32x32 took 8.2-8.5 ms whether the
+process had one core or two (~145 GFLOP/s), while 128 -> 128 used both (18.2 vs 36.3 ms). With
+convolutions left to XLA's own (Eigen) convolution, the same 64 -> 64 conv took 4.8-5.5 ms, its
+input gradient 9.8 vs 18.1 ms and its kernel gradient 18.1 vs 89.5 ms at batch 32 (2026-11-30,
+jax 0.10.2; ``benchmarks/RESULTS.md``). :data:`CPU_COMPILER_OPTIONS` is jaxlib's default list
+without the convolution entry, so dots and reductions keep going to YNNPACK:
+
+    xla_cpu_experimental_ynn_fusion_type = "1,3,4"   # DOT, REDUCE, INDIVIDUAL_DOT
+
+These are per-compilation options (``jax.jit(..., compiler_options=...)``), not process-wide
+flags: jaxdiff sets no environment variable and changes nothing for code it does not compile.
+jaxdiff's trainer, sampler (:func:`jaxdiff.generate.make_sample_fn`) and evaluation compile
+through :func:`jit`; code that imports jaxdiff's models or samplers and calls ``jax.jit``
+itself gets the same effect with ``jax.jit(f, compiler_options=compiler_options())`` or
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,reduce,individual_dot``.
+
+Off the CPU backend :func:`compiler_options` is empty. On CPU it is also empty when
+
+* ``JAXDIFF_CPU_COMPILER_OPTIONS=0`` is set in the environment (opt out), or
+* ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type`` (the user's choice wins), or
+* this jaxlib does not know the option (checked once by compiling a one-op function).
+
+:func:`cpu_convolutions_on_eigen` says whether the options are in effect; ``conv_impl="auto"``
+(:mod:`jaxdiff.nets.conv`) uses it to pick the kernel-gradient path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, Callable
+
+import jax
+
+__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "cpu_convolutions_on_eigen", "jit"]
+
+CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "1,3,4"}
+"""jaxlib's default YNNPACK fusion types (DebugOptions.LibraryFusionType: DOT = 1, REDUCE = 3,
+INDIVIDUAL_DOT = 4) without INDIVIDUAL_CONVOLUTION = 5."""
+
+_ENV_OPT_OUT = "JAXDIFF_CPU_COMPILER_OPTIONS"
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(items: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib compiles a one-op function with these options."""
+    try:
+        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options=dict(items))
+        return True
+    except Exception as e:  # noqa: BLE001 -- an unknown option is reported as a generic XLA error
+        warnings.warn(f"jaxdiff: this jaxlib rejects the CPU compiler options {dict(items)} ({e}); "
+                      "compiling without them", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _user_opted_out() -> bool:
+    if os.environ.get(_ENV_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return True
+    flags = os.environ.get("XLA_FLAGS", "")
+    return any(k in flags for k in CPU_COMPILER_OPTIONS)
+
+
+def cpu_convolutions_on_eigen(backend: str | None = None) -> bool:
+    """Whether functions compiled by :func:`jit` run convolutions on XLA's own (Eigen) kernels.
+
+    True on the CPU backend unless opted out (see the module docstring); False elsewhere.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or _user_opted_out():
+        return False
+    return _accepted(tuple(sorted(CPU_COMPILER_OPTIONS.items())))
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """The ``compiler_options`` jaxdiff compiles with: :data:`CPU_COMPILER_OPTIONS` on CPU, else ``{}``."""
+    return dict(CPU_COMPILER_OPTIONS) if cpu_convolutions_on_eigen(backend) else {}
+
+
+def jit(fun: Callable, **kwargs: Any):
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` added (``kwargs``' own
+    ``compiler_options`` entries take precedence)."""
+    opts = compiler_options()
+    opts.update(kwargs.pop("compiler_options", None) or {})
+    return jax.jit(fun, compiler_options=opts or None, **kwargs)
