@@ -14,6 +14,11 @@ EMA). Categories:
 * ``attention``, ``norm``, ``dropout``, ``dense`` (Dense layers), ``elementwise / other``;
 * ``optimizer / EMA``: everything outside the model's forward and backward.
 
+With :mod:`jaxdiff.compile_options` in effect (the default on CPU), XLA's own (Eigen)
+convolutions do not appear among the traced thunks, so the ``conv`` categories come out nearly
+empty; run with ``JAXDIFF_CPU_COMPILER_OPTIONS=0`` for the jaxlib-default compilation (YNNPACK
+convolutions, which are traced).
+
 Thunk durations are summed per category. XLA:CPU runs independent thunks concurrently on its
 threads, so the sum can exceed the wall time; the script prints both, and shares of the sum.
 
