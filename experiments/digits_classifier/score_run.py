@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compile_options
 from jaxdiff.data.digits import load_digits
 from jaxdiff.eval import digits_score, restore_for_sampling
 from jaxdiff.generate import generate
@@ -46,7 +47,7 @@ def main() -> None:
     if args.bpd_steps:
         process = build_process(config)
 
-        @jax.jit
+        @compile_options.jit
         def bpd(x, y, key):
             return L.bits_per_dim(denoiser(config, model, params, y), process, x, key, levels=17,
                                   num_steps=args.bpd_steps)

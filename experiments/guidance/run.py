@@ -38,7 +38,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from jaxdiff import guidance, samplers  # noqa: E402
+from jaxdiff import compile_options, guidance, samplers  # noqa: E402
 from jaxdiff.checkpoint import CheckpointManager  # noqa: E402
 from jaxdiff.data.digits import load_digits  # noqa: E402
 from jaxdiff.generate import generate  # noqa: E402
@@ -167,7 +167,7 @@ def main():
           f"t=0/250/500/750: {', '.join(f'{v:.3f}' for v in clf_acc.values())}", flush=True)
     log_prob = classifier_log_prob(clf_model, clf_params, process, y)
     for s in (1.0, 3.0, 10.0):
-        f = jax.jit(lambda x, k, s=s: sampler(guidance.classifier_guidance(uncond, log_prob, process, s), x, grid, key=k))
+        f = compile_options.jit(lambda x, k, s=s: sampler(guidance.classifier_guidance(uncond, log_prob, process, s), x, grid, key=k))
         t0 = time.time()
         images = jax.block_until_ready(f(x_T, k_sampler))
         record(f"classifier{s:g}", images, time.time() - t0, scale=s)
@@ -189,7 +189,7 @@ def main():
             d = guidance.training_free_guidance(uncond, ll, process, key=jax.random.key(3), **opts)
             return guidance.with_recurrence(ddim, recur)(d, x, grid, key=k) if recur > 1 else ddim(d, x, grid)
         t0 = time.time()
-        images = jax.block_until_ready(jax.jit(run)(x_T, k_sampler))
+        images = jax.block_until_ready(compile_options.jit(run)(x_T, k_sampler))
         record(name, images, time.time() - t0, recurrence=recur, **opts)
 
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",

@@ -2,18 +2,19 @@
 upsampling conv for XLA:CPU.
 
 **Which path runs by default.** jaxdiff compiles its own functions with
-:mod:`jaxdiff.compile_options`, which on CPU keeps convolutions on XLA's own (Eigen) kernels
+:func:`jaxdiff.compile_options.jit`, which on CPU keeps convolutions on XLA's own (Eigen) kernels
 instead of YNNPACK's. Under those options XLA's kernel gradient is the fastest one measured, so
-``impl="auto"`` keeps XLA's convolutions and gradients and only the upsampling layer takes the
-sub-pixel form below (batch 32, 16x16 -> 32x32, 128 channels: forward 17.1 vs 44.5 ms, forward +
-backward 67.5 vs 97.3 ms; 2026-11-30, jax 0.10.2, 2-core machine). The blocked kernel gradient
-is what ``"auto"`` picks when those options are *not* in effect (opted out with
-``JAXDIFF_CPU_COMPILER_OPTIONS=0``, or ``XLA_FLAGS`` sets the YNNPACK fusion types), and what
+``impl="auto"`` keeps XLA's convolutions and gradients when traced there
+(:func:`jaxdiff.compile_options.tracing_with_eigen_convolutions`), and only the upsampling layer
+takes the sub-pixel form below (batch 32, 16x16 -> 32x32, 128 channels: forward 17.8 vs 34.3 ms,
+forward + backward 69.9 vs 101.6 ms; 2026-11-30 10:22 run of ``benchmarks/conv_backward.py``,
+jax 0.10.2, 2-core machine). The blocked kernel gradient is what ``"auto"`` picks under any
+other compilation on CPU (a plain ``jax.jit``: YNNPACK convolutions), and what
 ``impl="matmul"`` forces.
 
 **The blocked kernel gradient.** With jaxlib's default CPU compilation (YNNPACK convolutions),
 the gradient of a convolution with respect to its *kernel* is several times slower than the
-forward pass (batch 32, 3x3 conv 64 -> 64 at 32x32: forward 15.5 ms, kernel gradient 67.8 ms).
+forward pass (batch 32, 3x3 conv 64 -> 64 at 32x32: forward 18.4 ms, kernel gradient 76.1 ms).
 
 The kernel gradient of a convolution without dilation is a sum over the ``kh * kw`` taps::
 
@@ -26,13 +27,13 @@ the ``kw`` column-shifted views are concatenated along channels, so that each ke
 one product ``g^T A_i`` of shape ``(C_out, kw * C_in)``; and the batch is processed in blocks
 of about :data:`KERNEL_GRAD_CHUNK_PIXELS` output pixels, summed in a ``lax.scan``, so that a
 block's operands stay in cache. Measured with ``benchmarks/conv_backward.py --compile
-jaxlib-default`` (2-core machine, 2026-11-30, batch 32, ms), kernel gradient by XLA / by this
-path: 64 -> 64 at 32x32, 67.8 / 21.7; 192 -> 64 at 32x32, 204 / 66.7; 128 -> 128 at 32x32,
-153 / 61.5; 128 -> 128 at 16x16, 24.2 / 15.8; but 128 -> 128 at 8x8, 3.3 / 4.0. So without
-jaxdiff's compile options, ``impl="auto"`` on CPU takes this path when ``C_in >= 64``,
+jaxlib-default`` (2-core machine, 2026-11-30 10:22, batch 32, ms), kernel gradient by XLA / by
+this path: 64 -> 64 at 32x32, 76.1 / 24.0; 192 -> 64 at 32x32, 235.3 / 76.4; 128 -> 128 at
+32x32, 168.8 / 68.5; 128 -> 128 at 16x16, 27.5 / 16.7; but 128 -> 128 at 8x8, 3.5 / 4.1. So
+outside jaxdiff's compile options, ``impl="auto"`` on CPU takes this path when ``C_in >= 64``,
 ``C_out >= 64`` and the output has at least 16x16 pixels (:data:`AUTO_MIN_CHANNELS`,
-:data:`AUTO_MIN_PIXELS`). With them, XLA's own kernel gradient is faster still (64 -> 64 at
-32x32: 18.1 ms vs 27.2 for this path). The forward pass and the input gradient are always XLA's
+:data:`AUTO_MIN_PIXELS`). Under them, XLA's own kernel gradient is faster still (64 -> 64 at
+32x32: 18.5 ms vs 24.9 for this path, same run). The forward pass and the input gradient are always XLA's
 own convolutions.
 
 :func:`conv_general_dilated` is a drop-in replacement for ``lax.conv_general_dilated`` that
@@ -63,7 +64,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from jaxdiff.compile_options import cpu_convolutions_on_eigen
+from jaxdiff.compile_options import tracing_with_eigen_convolutions
 
 __all__ = [
     "CONV_IMPLS", "Conv", "UpsampleConv", "conv_general_dilated", "resolve_conv_impl",
@@ -207,9 +208,9 @@ def conv_general_dilated(
     """``lax.conv_general_dilated`` with the blocked-matmul kernel gradient where eligible.
 
     Same arguments and forward result as ``lax.conv_general_dilated``; ``impl`` is
-    ``"auto"`` (on the CPU backend, when :mod:`jaxdiff.compile_options` is opted out, the matmul
-    kernel gradient for convolutions with >= 64 input and output channels and >= 16x16 output
-    pixels; lax otherwise: see the module docstring), ``"xla"`` (always lax) or
+    ``"auto"`` (on the CPU backend, unless traced by :func:`jaxdiff.compile_options.jit`, the
+    matmul kernel gradient for convolutions with >= 64 input and output channels and >= 16x16
+    output pixels; lax otherwise: see the module docstring), ``"xla"`` (always lax) or
     ``"matmul"`` (always the blocked-matmul kernel gradient where eligible; lax otherwise).
     """
     auto = impl == "auto"
@@ -217,7 +218,7 @@ def conv_general_dilated(
     if auto and impl == "matmul":
         out_pixels = (lhs.shape[1] // max(int(window_strides[0]), 1)) * (
             lhs.shape[2] // max(int(window_strides[1]), 1)) if lhs.ndim == 4 else 0
-        if (cpu_convolutions_on_eigen()
+        if (tracing_with_eigen_convolutions()
                 or lhs.ndim != 4 or min(rhs.shape[-2], rhs.shape[-1]) < AUTO_MIN_CHANNELS
                 or out_pixels < AUTO_MIN_PIXELS):
             impl = "xla"

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .conv import Conv, UpsampleConv
+from .dense import Dense
 from .dropout import Dropout
 from .layers import (
     LabelEmbedder,
@@ -59,9 +60,10 @@ def _conv(features, name, *, kernel=3, stride=1, zero_init=False, conv_impl="aut
     )
 
 
-def _dense(features, name, *, zero_init=False, dtype, param_dtype):
-    return nn.Dense(
+def _dense(features, name, *, zero_init=False, conv_impl="auto", dtype, param_dtype):
+    return Dense(
         features,
+        conv_impl=conv_impl,
         kernel_init=zeros if zero_init else xavier_uniform,
         bias_init=zeros,
         dtype=dtype,
@@ -112,7 +114,7 @@ class ResnetBlock(nn.Module):
         h = Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, "conv2", zero_init=True, conv_impl=self.conv_impl, **kw)(h)
         if c_in != self.out_ch:
-            x = _dense(self.out_ch, "nin_shortcut", **kw)(x)
+            x = _dense(self.out_ch, "nin_shortcut", conv_impl=self.conv_impl, **kw)(x)
         return x.astype(self.dtype) + h
 
 
@@ -126,12 +128,14 @@ class AttnBlock(nn.Module):
     num_heads: int = 1
     head_dim: int | None = None
     norm_groups: int = 32
+    conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dkw = dict(kw, conv_impl=self.conv_impl)
         b, hh, ww, c = x.shape
         if self.head_dim is not None:
             if c % self.head_dim:
@@ -144,11 +148,11 @@ class AttnBlock(nn.Module):
         h = Norm32(self.norm_groups, **kw, name="norm")(x)
         h = h.reshape(b, hh * ww, c)
         split = lambda a: a.reshape(b, hh * ww, heads, c // heads)  # noqa: E731
-        q = split(_dense(c, "q", **kw)(h))
-        k = split(_dense(c, "k", **kw)(h))
-        v = split(_dense(c, "v", **kw)(h))
+        q = split(_dense(c, "q", **dkw)(h))
+        k = split(_dense(c, "k", **dkw)(h))
+        v = split(_dense(c, "v", **dkw)(h))
         h = dot_product_attention(q, k, v).reshape(b, hh * ww, c)
-        h = _dense(c, "proj_out", zero_init=True, **kw)(h)
+        h = _dense(c, "proj_out", zero_init=True, **dkw)(h)
         return x.astype(self.dtype) + h.reshape(b, hh, ww, c)
 
 
@@ -182,10 +186,11 @@ class UNet(nn.Module):
         that is <= norm_groups and leaves >= 4 channels per group (32 for DDPM widths; see
         ``layers.group_norm_groups``).
       conv_impl: ``"auto"`` (default: on the CPU backend the sub-pixel upsampling conv of
-        :mod:`jaxdiff.nets.conv`, and its blocked kernel gradient only where jaxdiff's CPU
-        compile options (:mod:`jaxdiff.compile_options`) are opted out; XLA's native
-        convolutions and their gradients on GPU / TPU), ``"xla"`` or ``"matmul"`` (sub-pixel
-        upsampling and the blocked kernel gradient anywhere).
+        :mod:`jaxdiff.nets.conv`, the blocked kernel gradient of the 1x1 / q, k, v Dense layers
+        (:mod:`jaxdiff.nets.dense`), and the blocked conv kernel gradient unless traced by
+        :func:`jaxdiff.compile_options.jit`; XLA's native convolutions, products and their
+        gradients on GPU / TPU), ``"xla"`` (XLA's everywhere) or ``"matmul"`` (the blocked
+        and sub-pixel paths anywhere).
         Parameters are identical; values and gradients agree to float rounding (< 1e-5).
     """
 
@@ -229,7 +234,8 @@ class UNet(nn.Module):
             )(h, temb, train=train)
 
         def attn(h, name):
-            return AttnBlock(self.num_heads, self.head_dim, self.norm_groups, **kw, name=name)(h)
+            return AttnBlock(self.num_heads, self.head_dim, self.norm_groups, self.conv_impl, **kw,
+                             name=name)(h)
 
         # Timestep embedding: sinusoid(ch) -> Dense(4ch) -> swish -> Dense(4ch) (DDPM convention:
         # [sin, cos], frequencies exp(-ln(1e4) i / (half - 1))).

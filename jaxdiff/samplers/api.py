@@ -76,7 +76,9 @@ scheduler / sampler option are static (Python values: the grid is built in NumPy
     f = jax.jit(lambda params, x, key, w: sample("euler", lambda x, t: cfg(params, x, t, w),
                                                  x, schedule, 30, key=key))
 
-compiles once per step count and reuses the executable for every guidance scale ``w``.
+compiles once per step count and reuses the executable for every guidance scale ``w``. (On CPU,
+``jaxdiff.compile_options.jit`` in place of ``jax.jit`` runs the network's convolutions on XLA's
+own kernels; see that module.)
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxdiff import compile_options
 from jaxdiff.processes import Process
 
 __all__ = ["train_noisy_classifier", "classifier_log_prob", "noisy_accuracy"]
@@ -53,7 +54,7 @@ def train_noisy_classifier(model, process: Process, data, labels, *, num_steps: 
     opt = optax.adamw(optax.cosine_decay_schedule(lr, num_steps, 0.05), weight_decay=weight_decay)
     opt_state = opt.init(params)
 
-    @jax.jit
+    @compile_options.jit
     def step(params, opt_state, k):
         k_idx, k_noise, k_drop = jax.random.split(k, 3)
         idx = jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])

@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from jaxdiff.compile_options import cpu_convolutions_on_eigen
+from jaxdiff import compile_options
 from jaxdiff.nets import UNet
 from jaxdiff.nets.conv import (
     Conv,
@@ -176,10 +176,11 @@ def test_unet_gradients_same_for_both_impls():
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
 
 
-@pytest.mark.parametrize("opt_out", [False, True], ids=["jaxdiff-compile-options", "opted-out"])
-def test_backend_selection_and_errors(opt_out, monkeypatch):
-    if opt_out:  # jaxlib's default CPU compilation (YNNPACK convolutions): the shape rule applies
-        monkeypatch.setenv("JAXDIFF_CPU_COMPILER_OPTIONS", "0")
+@pytest.mark.parametrize("jitter", ["compile_options.jit", "jax.jit"])
+def test_backend_selection_and_errors(jitter, monkeypatch):
+    monkeypatch.delenv("JAXDIFF_CPU_COMPILER_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    jit = compile_options.jit if jitter == "compile_options.jit" else jax.jit
     assert resolve_conv_impl("xla") == "xla"
     assert resolve_conv_impl("matmul") == "matmul"
     expected = "matmul" if jax.default_backend() == "cpu" else "xla"
@@ -201,12 +202,12 @@ def test_backend_selection_and_errors(opt_out, monkeypatch):
         f = lambda k: conv_general_dilated(  # noqa: E731
             jnp.ones(shape_x), k, (1, 1), "SAME", dimension_numbers=DN, impl="auto"
         ).sum()
-        return "convolution" in jax.jit(jax.grad(f)).lower(jnp.ones(shape_k)).as_text()
+        return "convolution" in jit(jax.grad(f)).lower(jnp.ones(shape_k)).as_text()
 
-    # With jaxdiff's compile options (XLA's own convolutions on CPU), XLA's kernel gradient is
-    # the faster one everywhere, so "auto" keeps it; opted out, the blocked path where the rule says.
-    on_cpu = jax.default_backend() == "cpu" and not cpu_convolutions_on_eigen()
-    assert cpu_convolutions_on_eigen() == (jax.default_backend() == "cpu" and not opt_out)
+    # Traced by compile_options.jit (XLA's own convolutions on CPU), XLA's kernel gradient is the
+    # faster one everywhere, so "auto" keeps it; under a plain jax.jit (YNNPACK convolutions) the
+    # blocked path where the shape rule says.
+    on_cpu = jax.default_backend() == "cpu" and jitter == "jax.jit"
     assert has_conv_in_kernel_grad((1, 32, 32, 128), (3, 3, 128, 128)) != on_cpu
     assert has_conv_in_kernel_grad((1, 32, 32, 64), (3, 3, 64, 64)) != on_cpu
     assert has_conv_in_kernel_grad((1, 16, 16, 128), (3, 3, 128, 128)) != on_cpu
