@@ -8,8 +8,9 @@ output channels on *one* thread: a 3x3 conv 64 -> 64 at 16x32x32 took 8.2-8.5 ms
 process had one core or two (~145 GFLOP/s), while 128 -> 128 used both (18.2 vs 36.3 ms). With
 convolutions left to XLA's own (Eigen) convolution, the same 64 -> 64 conv took 4.8-5.5 ms; at
 batch 32 forward 9.5 vs 18.4 ms, input gradient 9.5 vs 18.5 ms, kernel gradient 18.5 vs 76.1 ms
-(2026-11-30, jax 0.10.2; ``benchmarks/conv_backward.py``, ``benchmarks/RESULTS.md``). :data:`CPU_COMPILER_OPTIONS` is jaxlib's default list
-without the convolution entry, so dots and reductions keep going to YNNPACK:
+(2026-11-30, jax 0.10.2; ``benchmarks/conv_backward.py``, ``benchmarks/RESULTS.md``).
+:data:`CPU_COMPILER_OPTIONS` is jaxlib's default list without the convolution entry, so dots and
+reductions keep going to YNNPACK:
 
     xla_cpu_experimental_ynn_fusion_type = "1,3,4"   # DOT, REDUCE, INDIVIDUAL_DOT
 
