@@ -118,6 +118,22 @@ KERNEL_GRAD_CHUNK_PIXELS = 2048
 """Output pixels per block of the blocked kernel gradient (a divisor of the batch is used)."""
 
 
+def sum_over_blocks(block, operands, block_size: int, out_shape, out_dtype):
+    """``sum_b block(*[a[b] for a in operands])`` over blocks of the leading axis, in a ``lax.scan``.
+
+    The blocks hold the largest divisor of the leading size that is ``<= block_size`` rows; one
+    block is a plain call. Shared by the blocked kernel gradients here and in
+    :mod:`jaxdiff.nets.dense`.
+    """
+    n = operands[0].shape[0]
+    chunk = max(d for d in range(1, min(max(block_size, 1), n) + 1) if n % d == 0)
+    if chunk == n:
+        return block(*operands)
+    split = tuple(a.reshape(n // chunk, chunk, *a.shape[1:]) for a in operands)
+    total, _ = lax.scan(lambda s, xs: (s + block(*xs), None), jnp.zeros(out_shape, out_dtype), split)
+    return total
+
+
 def _kernel_grad_blocked(x, g, kernel_shape, strides, pads, precision,
                       chunk_pixels: int = KERNEL_GRAD_CHUNK_PIXELS):
     """``dK`` from matmuls of shifted views of the padded input with ``g``, blocked over the batch.
@@ -134,7 +150,6 @@ def _kernel_grad_blocked(x, g, kernel_shape, strides, pads, precision,
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # accumulate bf16 in float32
     want = max(1, chunk_pixels // max(ho * wo, 1))
-    chunk = max(d for d in range(1, min(want, n) + 1) if n % d == 0)
 
     def block(xc, gc):
         b, hp = xc.shape[0], xc.shape[1]
@@ -153,13 +168,7 @@ def _kernel_grad_blocked(x, g, kernel_shape, strides, pads, precision,
             ))
         return jnp.stack(rows)                                    # (kh, c_out, kw * c_in)
 
-    if chunk == n:
-        dk = block(xp, g)
-    else:
-        xs = xp.reshape(n // chunk, chunk, *xp.shape[1:])
-        gs = g.reshape(n // chunk, chunk, *g.shape[1:])
-        dk, _ = lax.scan(lambda s, xg: (s + block(*xg), None),
-                         jnp.zeros((kh, c_out, kw * c_in), acc), (xs, gs))
+    dk = sum_over_blocks(block, (xp, g), want, (kh, c_out, kw * c_in), acc)
     return dk.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1).astype(x.dtype)
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from .conv import resolve_conv_impl
+from .conv import resolve_conv_impl, sum_over_blocks
 
 __all__ = ["DENSE_GRAD_CHUNK_ROWS", "Dense", "blocked_grad_dot_general"]
 
@@ -36,19 +36,12 @@ DENSE_GRAD_CHUNK_ROWS = 2048
 
 
 def _kernel_grad_blocked(x2, g2, chunk_rows: int):
-    m, k = x2.shape
-    n = g2.shape[1]
-    chunk = max(d for d in range(1, min(chunk_rows, m) + 1) if m % d == 0)
     acc = jnp.float64 if x2.dtype == jnp.float64 else jnp.float32
 
     def block(xc, gc):
         return lax.dot_general(xc, gc, (((0,), (0,)), ((), ())), preferred_element_type=acc)
 
-    if chunk == m:
-        return block(x2, g2)
-    xs, gs = x2.reshape(m // chunk, chunk, k), g2.reshape(m // chunk, chunk, n)
-    dw, _ = lax.scan(lambda s, xg: (s + block(*xg), None), jnp.zeros((k, n), acc), (xs, gs))
-    return dw
+    return sum_over_blocks(block, (x2, g2), chunk_rows, (x2.shape[1], g2.shape[1]), acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
