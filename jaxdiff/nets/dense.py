@@ -3,8 +3,9 @@
 The kernel gradient of ``y = x @ W`` over ``M`` rows (pixels x batch) is ``dW = x^T g``, a
 product that contracts the long row axis of both operands. XLA:CPU lays one operand out
 transposed for it, and in the UNet that transposed write is fused into the backward pass of the
-preceding GroupNorm: the fusion writes a ``(C, M)`` array column by column (measured 30-50 ms
-for the 1x1 ``nin_shortcut`` gradients at 32x32x32, where the arithmetic is ~1 ms). Summing
+preceding GroupNorm: the fusion writes a ``(C, M)`` array column by column (30-50 ms of traced
+thunk time per 1x1 ``nin_shortcut`` gradient at 32x32x32, ``benchmarks/profile_step.py``; the
+product itself, 192 x 64 over 32,768 rows, is 0.8 GFLOP, ~3 ms at this machine's matmul rate). Summing
 ``x_b^T g_b`` over blocks of :data:`DENSE_GRAD_CHUNK_ROWS` rows in a ``lax.scan`` keeps each
 transpose inside a cache-sized block. Train step of the benchmark UNet (8.95M parameters, batch
 32, jaxdiff's CPU compile options), medians of 6 interleaved steps in one process: 2,024 ms with
