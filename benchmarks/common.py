@@ -6,7 +6,10 @@
   ``jax.block_until_ready`` on the result;
 * :data:`UNET` and :func:`diffusers_unet_config` -- one UNet configuration expressed for
   jaxdiff's :class:`jaxdiff.nets.UNet` and for diffusers' ``UNet2DModel``;
-* :func:`emit` -- print a result dict as one JSON line (and append it to ``--json`` if given).
+* :func:`emit` -- print a result dict as one JSON line (and append it to ``--json`` if given);
+* :func:`add_precision_args`, :func:`torch_device`, :func:`torch_autocast` -- the ``--dtype``
+  and ``--torch-device`` options of the side-by-side scripts: on a GPU machine the PyTorch
+  reference runs on the GPU too, in the same compute dtype (bf16 autocast for ``bfloat16``).
 
 Thread counts: XLA:CPU runs its intra-op work on one thread per core (2 here); the scripts call
 ``torch.set_num_threads(THREADS)`` with the same count. No XLA flags are set by the scripts;
@@ -15,6 +18,7 @@ Thread counts: XLA:CPU runs its intra-op work on one thread per core (2 here); t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -104,9 +108,59 @@ def machine_info() -> dict[str, Any]:
         "torch": _version("torch"),
         "diffusers": _version("diffusers"),
         "jax_backend": jax.default_backend(),
+        "jax_devices": sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}),
+        "jax_device_count": jax.device_count(),
+        "torch_cuda": _torch_cuda_name(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "torch_threads": THREADS,
     }
+
+
+def _torch_cuda_name() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    except Exception:  # noqa: BLE001 -- no torch, or no usable CUDA: reported as None
+        pass
+    return None
+
+
+def add_precision_args(ap, torch_side: bool = True) -> None:
+    """``--dtype`` (compute dtype of both sides) and ``--torch-device`` (where PyTorch runs)."""
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype: jaxdiff's model dtype; PyTorch under autocast for "
+                         "bfloat16 (parameters and optimizer state stay float32 on both sides)")
+    if torch_side:
+        ap.add_argument("--torch-device", default="auto",
+                        help="cpu, cuda, or auto: cuda when jax runs on a GPU and torch sees one")
+
+
+def torch_device(name: str = "auto"):
+    """The ``torch.device`` of the PyTorch reference. ``auto`` puts it where jax runs: on the
+    GPU when jax's default backend is a GPU and torch sees CUDA, else on the CPU. On CUDA,
+    TF32 is allowed for float32 matmuls and convolutions, as XLA:GPU's default precision does."""
+    import jax
+
+    torch = setup_torch()
+    if name == "auto":
+        name = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return dev
+
+
+def torch_autocast(device, dtype: str):
+    """``torch.autocast`` to bf16 for ``dtype="bfloat16"``, a no-op context for float32."""
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def setup_torch():

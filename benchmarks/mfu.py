@@ -10,12 +10,17 @@ conv in its sub-pixel form. (The cost analysis of the timed executable is also
 recorded, as ``executed_flops_per_step``; it counts the body of a ``lax.scan`` -- the blocked
 kernel gradient -- once, so it is not a FLOP count of the step.)
 
-The peak is *measured*, not a datasheet number: ``--matmul-n`` square float32 matrices
-(4096 by default, 2 n^3 FLOPs), median over repeats; PyTorch's rate for the same matmul is
-printed for reference. The train step is the one of ``training_vs_torch.py`` (UNet of
-``common.UNET``, AdamW, batch 32) or, with ``--model dit-b2``, DiT-B/2 on 32x32x4 latents.
+The peak is *measured*, not a datasheet number: ``--matmul-n`` square matrices in the compute
+dtype (``--dtype``; bf16 operands accumulate in float32), 4096 on a CPU and 8192 on a GPU by
+default (2 n^3 FLOPs), median over repeats, with the backend's default precision (on a GPU
+that lets float32 matmuls use TF32, as it does for the train step); PyTorch's rate for the
+same matmul on its device is printed for reference. The train step is the one of
+``training_vs_torch.py`` (UNet of ``common.UNET``, AdamW, batch 32); ``--model unet-cifar10``
+is DDPM's CIFAR-10 UNet (Ho et al. 2020: 128 channels, 35.7M parameters), and ``--model
+dit-b2`` DiT-B/2 (Peebles & Xie 2023) on 32x32x4 latents.
 
-    python benchmarks/mfu.py [--model unet|dit-b2] [--batch 32] [--repeats 3] [--dtype float32]
+    python benchmarks/mfu.py [--model unet|unet-cifar10|dit-b2] [--batch 32] [--repeats 3]
+        [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -31,24 +36,30 @@ import training_vs_torch  # noqa: E402
 
 DIT_B2 = dict(name="dit", variant="B/2", input_size=32, in_channels=4, num_classes=1000,
               learn_sigma=True)
+UNET_CIFAR10 = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,), dropout=0.1)
+"""configs/cifar10_ddpm.py's network (Ho et al. 2020, CIFAR-10: 35.7M parameters)."""
 
 
-def matmul_peak_jax(n: int, repeats: int) -> dict:
+def matmul_peak_jax(n: int, repeats: int, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+    dt = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     t = common.median_time(lambda: f(a, b), repeats=repeats, warmup=1)
-    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n)
+    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n, dtype=dtype)
 
 
-def matmul_peak_torch(n: int, repeats: int) -> dict:
+def matmul_peak_torch(n: int, repeats: int, dtype: str = "float32", device: str = "auto") -> dict:
     torch = common.setup_torch()
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = common.median_time(lambda: (a @ b).sum().item(), repeats=repeats, warmup=1)
-    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n)
+    dev = common.torch_device(device)
+    a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
+    t = common.median_time(lambda: (a @ b).float().sum().item(), repeats=repeats, warmup=1)
+    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n, dtype=dtype, device=str(dev))
 
 
 def compiled_flops(compiled) -> float:
@@ -61,9 +72,12 @@ def compiled_flops(compiled) -> float:
 
 def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl: str,
                    dtype: str) -> dict:
-    unet = dict(common.UNET) if model == "unet" else dict(DIT_B2)
-    unet["dtype"] = dtype
-    if model != "unet":
+    from jaxdiff.nets.conv import resolve_conv_impl
+
+    unet = {"unet": common.UNET, "unet-cifar10": UNET_CIFAR10, "dit-b2": DIT_B2}[model]
+    unet = dict(unet, dtype=dtype)
+    is_unet = unet["name"] == "unet"
+    if not is_unet:
         # DiT: latents of 4 channels at 32x32 (the data fields are set from the net config).
         common.IMAGE_SIZE, common.CHANNELS = DIT_B2["input_size"], DIT_B2["in_channels"]
     else:
@@ -72,7 +86,7 @@ def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl:
     compiled = step_fn.lower(state, data).compile()  # compiled once: timed and cost-analysed
     executed_flops = compiled_flops(compiled)
     flops = executed_flops
-    if model == "unet" and conv_impl != "xla":
+    if is_unet and resolve_conv_impl(conv_impl) != "xla":
         # Model FLOPs are those of the network as defined (direct convolutions, nearest
         # upsampling then a 3x3 conv), i.e. of the conv_impl="xla" step; the sub-pixel upsample
         # layer of the CPU path executes fewer (16/36 of that layer's products).
@@ -94,26 +108,31 @@ def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="unet", choices=("unet", "dit-b2"))
+    ap.add_argument("--model", default="unet", choices=("unet", "unet-cifar10", "dit-b2"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--matmul-n", type=int, default=4096)
+    ap.add_argument("--matmul-n", type=int, default=None,
+                    help="peak matmul size (default 4096 on a CPU, 8192 on an accelerator)")
     ap.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
-    ap.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    common.add_precision_args(ap)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    import jax
+
+    n = args.matmul_n or (4096 if jax.default_backend() == "cpu" else 8192)
     info = common.machine_info()
     common.log(f"machine: {info}")
-    peak = matmul_peak_jax(args.matmul_n, max(args.repeats, 3))
-    common.log(f"jax float32 matmul {args.matmul_n}^2: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak_jax(n, max(args.repeats, 3), args.dtype)
+    common.log(f"jax {args.dtype} matmul {n}^2: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
     result = dict(benchmark="mfu", model=args.model, batch=args.batch, dtype=args.dtype,
                   conv_impl=args.conv_impl, matmul_peak_jax=peak, machine=info)
     if not args.skip_torch:
-        tp = matmul_peak_torch(args.matmul_n, max(args.repeats, 3))
-        common.log(f"torch float32 matmul {args.matmul_n}^2: {tp['flops_per_s'] / 1e9:.1f} GFLOP/s")
+        tp = matmul_peak_torch(n, max(args.repeats, 3), args.dtype, args.torch_device)
+        common.log(f"torch {args.dtype} matmul {n}^2 ({tp['device']}): "
+                   f"{tp['flops_per_s'] / 1e9:.1f} GFLOP/s")
         result["matmul_peak_torch"] = tp
     step = train_step_mfu(args.model, args.batch, args.repeats, args.warmup, args.conv_impl,
                           args.dtype)

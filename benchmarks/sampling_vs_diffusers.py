@@ -16,7 +16,12 @@ the timed call includes the prior draw). diffusers: ``DPMSolverMultistepSchedule
 algorithm_type="dpmsolver++", solver_order=2)`` and the network in ``torch.inference_mode()``.
 Prints images/s, ratio jaxdiff / diffusers, medians over repeats, and a JSON line per model.
 
-    python benchmarks/sampling_vs_diffusers.py [--models unet,dit] [--repeats 2]
+    python benchmarks/sampling_vs_diffusers.py [--models unet,dit] [--repeats 2] [--batch 16]
+        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda]
+
+On a GPU machine diffusers runs on the GPU as well (``--torch-device auto``); ``--dtype
+bfloat16`` runs jaxdiff's network with ``dtype=bfloat16`` and diffusers' under
+``torch.autocast(bfloat16)``; the solver's arithmetic stays float32 on both sides.
 
 The jaxdiff warm-up is one whole sampling call (it compiles); the diffusers warm-up is one
 network call. Defaults keep the whole script under ~4 minutes on the 2-core CI machine.
@@ -36,7 +41,7 @@ STEPS, BATCH = 20, 16
 DIT = dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
 
 
-def jaxdiff_config(model: str, conv_impl: str = "auto"):
+def jaxdiff_config(model: str, conv_impl: str = "auto", dtype: str = "float32"):
     import ml_collections
 
     from jaxdiff.config_base import base_config
@@ -44,24 +49,25 @@ def jaxdiff_config(model: str, conv_impl: str = "auto"):
     c = base_config()
     if model == "unet":
         c.data.image_size, c.data.channels = common.IMAGE_SIZE, common.CHANNELS
-        c.model = ml_collections.ConfigDict(dict(common.UNET, conv_impl=conv_impl))
+        c.model = ml_collections.ConfigDict(dict(common.UNET, conv_impl=conv_impl, dtype=dtype))
     else:
         c.data.image_size, c.data.channels = DIT["input_size"], DIT["in_channels"]
-        c.model = ml_collections.ConfigDict(dict(name="dit", **DIT))
+        c.model = ml_collections.ConfigDict(dict(name="dit", dtype=dtype, **DIT))
     c.diffusion.process = {"name": "discrete_vp", "beta_schedule": "linear", "beta_start": 1e-4,
                            "beta_end": 0.02}
     c.diffusion.prediction = "epsilon"
     return c
 
 
-def bench_jaxdiff(model_name: str, repeats: int, warmup: int) -> dict:
+def bench_jaxdiff(model_name: str, repeats: int, warmup: int, batch: int = BATCH,
+                  dtype: str = "float32") -> dict:
     import jax
     import numpy as np
 
     from jaxdiff.generate import make_sample_fn
     from jaxdiff.modeling import build_model, data_shape, num_classes
 
-    config = jaxdiff_config(model_name)
+    config = jaxdiff_config(model_name, dtype=dtype)
     model = build_model(config)
     shape = (1,) + data_shape(config)
     n_cls = num_classes(config)
@@ -72,22 +78,24 @@ def bench_jaxdiff(model_name: str, repeats: int, warmup: int) -> dict:
     # timed work is a generic forward pass.
     leaves, tree = jax.tree.flatten(params)
     params = jax.tree.unflatten(tree, [p + 0.01 for p in leaves])
-    fn = make_sample_fn(config, model, "dpmpp_2m", STEPS, BATCH)
-    y = jax.numpy.asarray(np.arange(BATCH, dtype=np.int32) % n_cls) if n_cls else None
+    fn = make_sample_fn(config, model, "dpmpp_2m", STEPS, batch)
+    y = jax.numpy.asarray(np.arange(batch, dtype=np.int32) % n_cls) if n_cls else None
     keys = iter(range(10_000))
     t = common.median_time(lambda: fn(params, jax.random.PRNGKey(next(keys)), y),
                            repeats=repeats, warmup=warmup)
     n_params = int(sum(np.prod(p.shape) for p in leaves))
-    return dict(t, images_per_s=BATCH / t["median_s"], params=n_params)
+    return dict(t, images_per_s=batch / t["median_s"], params=n_params)
 
 
-def bench_diffusers(model_name: str, repeats: int, warmup: int) -> dict:
+def bench_diffusers(model_name: str, repeats: int, warmup: int, batch: int = BATCH,
+                    device: str = "cpu", dtype: str = "float32") -> dict:
     torch = common.setup_torch()
     from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
 
+    dev = common.torch_device(device)
     if model_name == "unet":
         net = UNet2DModel(**common.diffusers_unet_config()).eval()
-        shape = (BATCH, common.CHANNELS, common.IMAGE_SIZE, common.IMAGE_SIZE)
+        shape = (batch, common.CHANNELS, common.IMAGE_SIZE, common.IMAGE_SIZE)
         labels = None
     else:
         net = DiTTransformer2DModel(
@@ -96,8 +104,9 @@ def bench_diffusers(model_name: str, repeats: int, warmup: int) -> dict:
             patch_size=2, num_embeds_ada_norm=DIT["num_classes"], norm_type="ada_norm_zero",
             activation_fn="gelu-approximate", norm_elementwise_affine=False, norm_eps=1e-6,
         ).eval()
-        shape = (BATCH, DIT["in_channels"], DIT["input_size"], DIT["input_size"])
-        labels = torch.arange(BATCH) % DIT["num_classes"]
+        shape = (batch, DIT["in_channels"], DIT["input_size"], DIT["input_size"])
+        labels = (torch.arange(batch) % DIT["num_classes"]).to(dev)
+    net = net.to(dev)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.01)
@@ -109,24 +118,27 @@ def bench_diffusers(model_name: str, repeats: int, warmup: int) -> dict:
 
     def sample():
         with torch.inference_mode():
-            sched.set_timesteps(STEPS)
-            x = torch.randn(shape, generator=gen) * sched.init_noise_sigma
+            sched.set_timesteps(STEPS, device=dev)
+            x = torch.randn(shape, generator=gen).to(dev) * sched.init_noise_sigma
             for t in sched.timesteps:
-                tb = t.expand(BATCH)
-                if labels is None:
-                    out = net(x, tb).sample
-                else:
-                    out = net(x, timestep=tb, class_labels=labels).sample[:, : shape[1]]
-                x = sched.step(out, t, x).prev_sample
-            return x.numpy()
+                tb = t.expand(batch)
+                with common.torch_autocast(dev, dtype):
+                    if labels is None:
+                        out = net(x, tb).sample
+                    else:
+                        out = net(x, timestep=tb, class_labels=labels).sample[:, : shape[1]]
+                x = sched.step(out.float(), t, x).prev_sample
+            return x.cpu().numpy()  # waits for the device
 
     if warmup:  # one network call warms PyTorch up; a whole sampling run is not needed
-        with torch.inference_mode():
-            x = torch.randn(shape, generator=gen)
-            tb = torch.full((BATCH,), 999)
-            net(x, tb) if labels is None else net(x, timestep=tb, class_labels=labels)
+        with torch.inference_mode(), common.torch_autocast(dev, dtype):
+            x = torch.randn(shape, generator=gen).to(dev)
+            tb = torch.full((batch,), 999, device=dev)
+            out = net(x, tb) if labels is None else net(x, timestep=tb, class_labels=labels)
+            out.sample.cpu()
     t = common.median_time(sample, repeats=repeats, warmup=0)
-    return dict(t, images_per_s=BATCH / t["median_s"], params=common.count_torch_params(net))
+    return dict(t, images_per_s=batch / t["median_s"], params=common.count_torch_params(net),
+                device=str(dev))
 
 
 def main(argv=None):
@@ -134,6 +146,8 @@ def main(argv=None):
     ap.add_argument("--models", default="unet,dit")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    common.add_precision_args(ap)
     ap.add_argument("--json", default=None, help="append the JSON lines to this file")
     args = ap.parse_args(argv)
 
@@ -142,11 +156,12 @@ def main(argv=None):
             raise SystemExit(f"unknown model {name!r}; valid: unet, dit")
         info = common.machine_info()
         common.log(f"[{name}] machine: {info}")
-        jx = bench_jaxdiff(name, args.repeats, args.warmup)
+        jx = bench_jaxdiff(name, args.repeats, args.warmup, args.batch, args.dtype)
         common.log(f"[{name}] jaxdiff: {jx['params']:,} params, {jx['images_per_s']:.2f} images/s "
                    f"(median {jx['median_s']:.2f} s, {jx['times_s']}, first call {jx['warmup_s']})")
-        th = bench_diffusers(name, args.repeats, args.warmup)
-        common.log(f"[{name}] diffusers: {th['params']:,} params, {th['images_per_s']:.2f} images/s "
+        th = bench_diffusers(name, args.repeats, args.warmup, args.batch, args.torch_device,
+                             args.dtype)
+        common.log(f"[{name}] diffusers ({th['device']}): {th['params']:,} params, {th['images_per_s']:.2f} images/s "
                    f"(median {th['median_s']:.2f} s, {th['times_s']})")
         if th["params"] != jx["params"]:
             common.log(f"[{name}] parameter counts differ: jaxdiff {jx['params']:,} vs diffusers "
@@ -155,7 +170,7 @@ def main(argv=None):
         ratio = jx["images_per_s"] / th["images_per_s"]
         common.log(f"[{name}] ratio jaxdiff / diffusers (images/s): {ratio:.2f}x (target >= 1.3x)")
         common.emit(dict(benchmark="sampling_vs_diffusers", model=name, sampler="dpmpp_2m",
-                         steps=STEPS, batch=BATCH, jaxdiff=jx, diffusers=th,
+                         steps=STEPS, batch=args.batch, dtype=args.dtype, jaxdiff=jx, diffusers=th,
                          params_equal=th["params"] == jx["params"], ratio_jaxdiff_over_diffusers=ratio,
                          config=common.UNET if name == "unet" else DIT, machine=info,
                          load_avg_end=common.load_average()), args.json)

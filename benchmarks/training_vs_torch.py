@@ -12,10 +12,15 @@ and one EMA copy (0.999) -- what ``configs/cifar10_ddpm.py`` runs, at a CPU-size
 
 Prints steps/s of each, the ratio jaxdiff / PyTorch, medians over ``--repeats`` timed steps after
 ``--warmup`` steps, and a JSON line. ``--conv-impl xla`` measures jaxdiff with XLA's native
-convolutions instead of the CPU default (``auto``: blocked-matmul kernel gradient, sub-pixel
-upsampling conv; see :mod:`jaxdiff.nets.conv`).
+convolutions instead of the CPU default (``auto``: sub-pixel upsampling conv, and the blocked
+kernel gradients outside jaxdiff's compile options; see :mod:`jaxdiff.nets.conv`).
+
+On a GPU machine PyTorch runs on the GPU as well (``--torch-device auto``); ``--dtype bfloat16``
+trains jaxdiff's UNet with ``dtype=bfloat16`` and PyTorch's under ``torch.autocast(bfloat16)``
+(float32 parameters, optimizer state and loss on both sides).
 
     python benchmarks/training_vs_torch.py [--batch 32] [--repeats 5] [--conv-impl auto]
+        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ def jaxdiff_train_step(batch: int, conv_impl: str = "auto", unet: dict | None = 
     return step_fn, state, data, n_params
 
 
-def bench_jaxdiff(batch: int, repeats: int, warmup: int, conv_impl: str) -> dict:
+def bench_jaxdiff(batch: int, repeats: int, warmup: int, conv_impl: str,
+                  dtype: str = "float32") -> dict:
     import jax
 
-    step_fn, state, data, n_params = jaxdiff_train_step(batch, conv_impl)
+    step_fn, state, data, n_params = jaxdiff_train_step(batch, conv_impl,
+                                                        dict(common.UNET, dtype=dtype))
     box = [state]
 
     def one():
@@ -87,24 +94,30 @@ def bench_jaxdiff(batch: int, repeats: int, warmup: int, conv_impl: str) -> dict
     return dict(t, steps_per_s=1.0 / t["median_s"], params=n_params, final_loss=loss)
 
 
-def bench_torch(batch: int, repeats: int, warmup: int) -> dict:
+def bench_torch(batch: int, repeats: int, warmup: int, device: str = "cpu",
+                dtype: str = "float32") -> dict:
     torch = common.setup_torch()
     from diffusers import UNet2DModel
 
-    net = UNet2DModel(**common.diffusers_unet_config()).train()
+    dev = common.torch_device(device)
+    net = UNet2DModel(**common.diffusers_unet_config()).train().to(dev)
     ema = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    # fused AdamW where PyTorch has it for the device (CUDA): its fastest optimizer step
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0, fused=dev.type == "cuda" or None)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0).float()
-    x0 = torch.randn(batch, common.CHANNELS, common.IMAGE_SIZE, common.IMAGE_SIZE)
+    abar = torch.cumprod(1 - betas, 0).float().to(dev)
+    x0 = torch.randn(batch, common.CHANNELS, common.IMAGE_SIZE, common.IMAGE_SIZE).to(dev)
     params = list(net.parameters())
 
     def one():
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=dev)
         eps = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = torch.mean((net(xt, t).sample - eps) ** 2)
+        with common.torch_autocast(dev, dtype):
+            out = net(xt, t).sample
+        loss = torch.mean((out.float() - eps) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -115,7 +128,7 @@ def bench_torch(batch: int, repeats: int, warmup: int) -> dict:
 
     t = common.median_time(one, repeats=repeats, warmup=warmup)
     return dict(t, steps_per_s=1.0 / t["median_s"], params=common.count_torch_params(net),
-                final_loss=float(one()))
+                final_loss=float(one()), device=str(dev))
 
 
 def main(argv=None):
@@ -124,20 +137,21 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
+    common.add_precision_args(ap)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
 
     info = common.machine_info()
     common.log(f"machine: {info}")
-    jx = bench_jaxdiff(args.batch, args.repeats, args.warmup, args.conv_impl)
+    jx = bench_jaxdiff(args.batch, args.repeats, args.warmup, args.conv_impl, args.dtype)
     common.log(f"jaxdiff ({args.conv_impl}): {jx['params']:,} params, "
                f"{jx['steps_per_s']:.3f} steps/s (median {jx['median_s']:.3f} s, {jx['times_s']})")
     result = dict(benchmark="training_vs_torch", batch=args.batch, conv_impl=args.conv_impl,
-                  unet=common.UNET, jaxdiff=jx, machine=info)
+                  dtype=args.dtype, unet=common.UNET, jaxdiff=jx, machine=info)
     if not args.skip_torch:
-        th = bench_torch(args.batch, args.repeats, args.warmup)
-        common.log(f"torch: {th['params']:,} params, {th['steps_per_s']:.3f} steps/s "
+        th = bench_torch(args.batch, args.repeats, args.warmup, args.torch_device, args.dtype)
+        common.log(f"torch ({th['device']}): {th['params']:,} params, {th['steps_per_s']:.3f} steps/s "
                    f"(median {th['median_s']:.3f} s, {th['times_s']})")
         if th["params"] != jx["params"]:
             common.log(f"WARNING: parameter counts differ: jaxdiff {jx['params']:,} vs "
