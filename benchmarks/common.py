@@ -116,6 +116,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def set_cpu_devices(n: int | None) -> None:
+    """Expose ``n`` XLA host-platform devices (``--xla_force_host_platform_device_count``).
+
+    Must run before jax is imported. jaxdiff's sampler and trainer lay the batch over every
+    device, so on a CPU this runs the batch as ``n`` data-parallel shards on the same cores
+    (same total work); ``n=None`` leaves the environment as it is.
+    """
+    if not n:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must run before jax is imported")
+    flag = f"--xla_force_host_platform_device_count={int(n)}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
 def _torch_cuda_name() -> str | None:
     try:
         import torch

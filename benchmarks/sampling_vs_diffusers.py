@@ -17,7 +17,7 @@ algorithm_type="dpmsolver++", solver_order=2)`` and the network in ``torch.infer
 Prints images/s, ratio jaxdiff / diffusers, medians over repeats, and a JSON line per model.
 
     python benchmarks/sampling_vs_diffusers.py [--models unet,dit] [--repeats 2] [--batch 16]
-        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda]
+        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda] [--cpu-devices N]
 
 On a GPU machine diffusers runs on the GPU as well (``--torch-device auto``); ``--dtype
 bfloat16`` runs jaxdiff's network with ``dtype=bfloat16`` and diffusers' under
@@ -147,9 +147,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="run jaxdiff on this many XLA host-platform devices (data-parallel "
+                         "shards of the batch on the same cores; sets XLA_FLAGS before jax "
+                         "is imported); default: the environment's")
     common.add_precision_args(ap)
     ap.add_argument("--json", default=None, help="append the JSON lines to this file")
     args = ap.parse_args(argv)
+    common.set_cpu_devices(args.cpu_devices)
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in ("unet", "dit"):
@@ -170,7 +175,8 @@ def main(argv=None):
         ratio = jx["images_per_s"] / th["images_per_s"]
         common.log(f"[{name}] ratio jaxdiff / diffusers (images/s): {ratio:.2f}x (target >= 1.3x)")
         common.emit(dict(benchmark="sampling_vs_diffusers", model=name, sampler="dpmpp_2m",
-                         steps=STEPS, batch=args.batch, dtype=args.dtype, jaxdiff=jx, diffusers=th,
+                         steps=STEPS, batch=args.batch, dtype=args.dtype,
+                         cpu_devices=args.cpu_devices, jaxdiff=jx, diffusers=th,
                          params_equal=th["params"] == jx["params"], ratio_jaxdiff_over_diffusers=ratio,
                          config=common.UNET if name == "unet" else DIT, machine=info,
                          load_avg_end=common.load_average()), args.json)
