@@ -37,7 +37,7 @@ from jaxdiff import compile_options, parallel
 from jaxdiff.metrics import fid as M
 
 __all__ = ["FeatureExtractor", "get_extractor", "EXTRACTORS", "evaluate_model", "dataset_statistics",
-           "compare_to_reference", "restore_for_sampling", "run_eval", "run_stats"]
+           "compare_to_reference", "guidance_tag", "restore_for_sampling", "run_eval", "run_stats"]
 
 EXTRACTORS = ("inception", "digits")
 
@@ -53,6 +53,9 @@ class FeatureExtractor:
     variables: Any
     dim: int
     quantize: bool = False  # round to 8 bits first (samples as PNG files)
+    # the logits are over the dataset's own classes (the digits classifier), so argmax vs the
+    # requested label is a class accuracy; Inception's 1008 ImageNet logits are not
+    logits_are_labels: bool = False
 
     def apply(self, variables, images):
         x = jnp.asarray(images, jnp.float32)
@@ -75,7 +78,8 @@ def get_extractor(name: str, *, inception_weights: str | None = None, digits_wei
 
         def fn(variables, x):
             out = model.apply(variables, x)
-            return {"features": out["pool3"], "logits": out["logits"]}
+            # the Inception Score's logits have no fc bias (Salimans et al. 2016's code)
+            return {"features": out["pool3"], "logits": out["logits_unbiased"]}
 
         return FeatureExtractor("inception", fn, inception.load_variables(inception_weights), 2048, quantize=True)
     if name == "digits":
@@ -89,7 +93,7 @@ def get_extractor(name: str, *, inception_weights: str | None = None, digits_wei
             return model.apply({"params": params}, x)
 
         return FeatureExtractor("digits", fn, digits_classifier.load_params(digits_weights),
-                                digits_classifier.FEATURE_DIM)
+                                digits_classifier.FEATURE_DIM, logits_are_labels=True)
     raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
 
 
@@ -172,8 +176,9 @@ def evaluate_model(config, model, params, num: int, key, *, sampler: str, num_st
     params = _on_mesh(params, mesh)
     if labels is None:
         labels = class_labels(config, num)
+    # class accuracy only where the extractor's logits are the dataset's classes (digits)
     streams = _Streams(num, extractor.dim, splits=splits, features_path=features_path,
-                       labels=None if labels is None else np.asarray(labels))
+                       labels=np.asarray(labels) if labels is not None and extractor.logits_are_labels else None)
     n_batches = int(math.ceil(num / batch))
     for b in tqdm(range(n_batches), desc=f"eval ({sampler}, {num_steps} steps, {extractor.name})",
                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
@@ -215,7 +220,7 @@ def dataset_statistics(source, extractor: FeatureExtractor, *, batch_size: int =
             correct += int(np.sum(np.argmax(logits, 1) == np.asarray(labels)[idx]))
     result = streams.result()
     result["num"] = num
-    if labels is not None and extractor.name == "digits":
+    if labels is not None and extractor.logits_are_labels:
         result["class_accuracy"] = correct / num
     return result
 
@@ -243,27 +248,50 @@ def compare_to_reference(result: dict, ref: dict, *, kid_subsets: int = 100, kid
 
 def restore_for_sampling(workdir: str, which: str = ""):
     """``(config, model, params, step)`` of the latest checkpoint of a ``jaxdiff train`` workdir
-    (the EMA copy ``which``, default the first one, as ``jaxdiff sample`` does)."""
-    from jaxdiff.checkpoint import CheckpointManager, load_config_json
+    (the EMA copy ``which``, default the first one, as ``jaxdiff sample`` does).
+
+    The config is the one saved with that checkpoint (not ``workdir/config.json``, which a later
+    ``jaxdiff train`` on the same workdir rewrites). The state is restored onto this process's
+    devices -- replicated, or fsdp-sharded when the run's ``mesh.fsdp`` divides the device
+    count -- whatever number of devices wrote it.
+    """
+    from jaxdiff.checkpoint import CheckpointManager, config_from_json
     from jaxdiff.modeling import build_model
-    from jaxdiff.train.loop import make_init_fn, sampling_params
+    from jaxdiff.train.loop import _mesh_rules, make_init_fn, sampling_params
     from jaxdiff.train.state import make_optimizer
 
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: is {workdir} a jaxdiff train workdir?")
-    config = load_config_json(cfg_path)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints under {workdir}: is it a jaxdiff train workdir?")
     ckpt = CheckpointManager(workdir, save_every=1)
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+        config = config_from_json(ckpt.restore_config(step))
         model = build_model(config)
         abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.optim)), jax.random.PRNGKey(0))
+        fsdp = int(config.mesh.get("fsdp", 1))
+        mesh = parallel.make_mesh(-1, fsdp if fsdp > 0 and jax.device_count() % fsdp == 0 else 1)
+        shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     return config, model, sampling_params(state, which or config.sample.get("params")), int(step)
+
+
+def guidance_tag(g: dict) -> str:
+    """The part of an eval file's name that names its guidance settings: ``""`` unguided, else
+    ``_cfg{scale}[_interval{lo}-{hi}][_rescale{r}]``, so that evals which differ in any setting
+    never overwrite each other."""
+    if g["scale"] == 1.0:
+        return ""
+    tag = f"_cfg{g['scale']:g}"
+    if g.get("interval") is not None:
+        tag += f"_interval{g['interval'][0]:g}-{g['interval'][1]:g}"
+    if g.get("rescale"):
+        tag += f"_rescale{g['rescale']:g}"
+    return tag
 
 
 def _json_ready(d: dict) -> dict:
@@ -305,8 +333,7 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     from jaxdiff.generate import guidance_settings
 
     g = guidance_settings(config, guidance)
-    tag = "" if g["scale"] == 1.0 else f"_cfg{g['scale']:g}"
-    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{tag}.json")
+    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}.json")
     feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None
     result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
                             num_steps=steps, extractor=extractor, batch_size=batch_size,

@@ -160,7 +160,12 @@ def resize_bilinear(x, size: Sequence[int]):
 
 
 class InceptionV3(nn.Module):
-    """pytorch-fid's ``InceptionV3`` (FID variant) -> ``{"pool3": (N, 2048), "logits": (N, 1008)}``.
+    """pytorch-fid's ``InceptionV3`` (FID variant) -> ``{"pool3": (N, 2048), "logits": (N, 1008),
+    "logits_unbiased": (N, 1008)}``.
+
+    ``logits`` is pytorch-fid's ``fc(pool3)``; ``logits_unbiased`` is ``pool3 @ W`` without the
+    fc bias, the logits the Inception Score is defined on (Salimans et al. 2016's code, which
+    jaxdiff's evaluation feeds to :class:`jaxdiff.metrics.fid.InceptionScoreAccumulator`).
 
     Input: images (N, H, W, 3) (or 1 channel, repeated to 3) with values in [-1, 1]; they are
     resized to 299x299 first when ``resize_input`` (pytorch-fid's default). pytorch-fid takes
@@ -197,8 +202,13 @@ class InceptionV3(nn.Module):
         x = FIDInceptionE("avg", name="Mixed_7b")(x)
         x = FIDInceptionE("max", name="Mixed_7c")(x)
         pool3 = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(NUM_CLASSES, precision=PRECISION, name="fc")(pool3)
-        return {"pool3": pool3, "logits": logits}
+        fc = nn.Dense(NUM_CLASSES, precision=PRECISION, name="fc")
+        logits = fc(pool3)
+        # The Inception Score's logits: pool3 @ W without the fc bias, as in Salimans et al.'s
+        # reference code (``tf.matmul(pool3, w)`` with w the softmax/logits MatMul's weights),
+        # ADM's evaluator and torch-fidelity's ``logits_unbiased``.
+        unbiased = jnp.dot(pool3, fc.variables["params"]["kernel"], precision=PRECISION)
+        return {"pool3": pool3, "logits": logits, "logits_unbiased": unbiased}
 
 
 # ------------------------------------------------------------------------------------------------

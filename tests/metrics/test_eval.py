@@ -46,6 +46,38 @@ def test_evaluate_model_equals_unstreamed_statistics(tmp_path):
     assert scores["kid"] > 0
 
 
+def test_class_accuracy_only_from_logits_over_the_dataset_classes():
+    """Inception's 1008 ImageNet logits say nothing about CIFAR / digits labels: an extractor whose
+    logits are not the dataset's classes gives IS but no class_accuracy."""
+    import dataclasses
+
+    config = load_config("digits", "tiny")
+    model = build_model(config)
+    params = jax.jit(make_init_fn(config, model, make_optimizer(config.optim)))(jax.random.PRNGKey(0)).params
+    digits = E.get_extractor("digits")
+    assert digits.logits_are_labels and not E.FeatureExtractor("x", None, None, 1).logits_are_labels
+    other = dataclasses.replace(digits, name="other", logits_are_labels=False)
+    kw = dict(sampler="ddim", num_steps=2, batch_size=10, splits=2, progress=False)
+    got = E.evaluate_model(config, model, params, 10, jax.random.PRNGKey(1), extractor=other, **kw)
+    assert "inception_score" in got and "class_accuracy" not in got
+    assert "class_accuracy" in E.evaluate_model(config, model, params, 10, jax.random.PRNGKey(1),
+                                                extractor=digits, **kw)
+    stats = E.dataset_statistics(make_source(config.data, "test"), other, batch_size=64, splits=2,
+                                 progress=False)
+    assert "class_accuracy" not in stats
+
+
+def test_eval_file_names_carry_every_guidance_setting():
+    tags = {E.guidance_tag(g) for g in (
+        {"scale": 1.0, "interval": None, "rescale": 0.0},
+        {"scale": 3.0, "interval": None, "rescale": 0.0},
+        {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0},
+        {"scale": 3.0, "interval": None, "rescale": 0.7},
+        {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.7},
+    )}
+    assert tags == {"", "_cfg3", "_cfg3_interval0.3-5", "_cfg3_rescale0.7", "_cfg3_interval0.3-5_rescale0.7"}
+
+
 def test_dataset_statistics_and_digits_score_on_real_digits():
     config = load_config("digits", "tiny")
     source = make_source(config.data, "test")

@@ -6,6 +6,8 @@ with random weights of O(1) activations; its ``state_dict`` goes through
 pool3 features (and fc logits) agree to 1e-4 of their largest magnitude.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,29 @@ def test_pool3_and_logits_match_pytorch_fid_at_75px(nets):
     assert out["pool3"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
     assert _rel_err(out["pool3"], ref_pool3) < TOL
     assert _rel_err(out["logits"], ref_logits) < TOL
+    # the Inception Score's logits: pool3 @ W, no bias (Salimans et al. 2016's code)
+    bias = full.fc.bias.detach().numpy()
+    assert np.abs(bias).max() > 1e-3  # a zero bias could not tell the two apart
+    assert _rel_err(out["logits_unbiased"], ref_logits - bias) < TOL
+
+
+@needs_ref
+def test_evaluation_scores_inception_score_on_unbiased_logits(nets, monkeypatch):
+    """``jaxdiff.eval``'s Inception extractor feeds ``pool3 @ W`` (no fc bias) to the IS."""
+    import functools
+
+    from jaxdiff import eval as E
+
+    net, full, variables = nets
+    monkeypatch.setattr(I, "load_variables", lambda path=None: variables)
+    # 75x75 without the resize to 299: one small compile (the resize is tested above)
+    monkeypatch.setattr(I, "InceptionV3", functools.partial(I.InceptionV3, resize_input=False))
+    ext = dataclasses.replace(E.get_extractor("inception"), quantize=False)
+    x01 = np.random.default_rng(3).uniform(0, 1, (2, 75, 75, 3)).astype(np.float32)
+    pool3, logits = _torch_features(net, full, x01, resize=False)
+    got = ext(jnp.asarray(2 * x01 - 1))
+    assert _rel_err(got["features"], pool3) < TOL
+    assert _rel_err(got["logits"], logits - full.fc.bias.detach().numpy()) < TOL
 
 
 @needs_ref
