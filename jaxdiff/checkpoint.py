@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "config_to_json", "load_config_json",
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "config_to_json", "config_from_json",
+           "load_config_json",
            "tree_is_finite"]
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -69,6 +70,13 @@ def load_config_json(path: str):
 
     with open(path) as f:
         return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+
+
+def config_from_json(d: dict):
+    """A ConfigDict from its JSON form (lists become tuples), e.g. :meth:`CheckpointManager.restore_config`'s."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(_lists_to_tuples(d))
 
 
 def _lists_to_tuples(x):

@@ -59,36 +59,25 @@ def _train() -> None:
 def _sample() -> None:
     import jax
 
-    from jaxdiff.checkpoint import CheckpointManager, load_config_json
+    from jaxdiff.eval import restore_for_sampling
     from jaxdiff.generate import generate
     from jaxdiff.metrics.grid import save_samples
-    from jaxdiff.modeling import build_model
-    from jaxdiff.train.loop import make_init_fn, sampling_params
-    from jaxdiff.train.state import make_optimizer
 
     if FLAGS.workdir is None:
         raise app.UsageError("jaxdiff sample needs --workdir")
-    cfg_path = os.path.join(FLAGS.workdir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise app.UsageError(f"{cfg_path} not found: is {FLAGS.workdir} a jaxdiff train workdir?")
-    config = load_config_json(cfg_path)
-    ckpt = CheckpointManager(FLAGS.workdir, save_every=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise app.UsageError(f"no checkpoint under {ckpt.directory}")
-    model = build_model(config)
-    abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.optim)), jax.random.PRNGKey(0))
-    state = ckpt.restore(abstract, step)
+    try:
+        config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
     sampler = FLAGS.sampler or config.sample.sampler
     steps = FLAGS.steps or int(config.sample.steps)
     num = FLAGS.num or int(config.sample.num)
-    images = generate(config, model, sampling_params(state, FLAGS.params or config.sample.get("params")), num,
-                      jax.random.PRNGKey(FLAGS.seed), sampler=sampler, num_steps=steps,
-                      batch_size=FLAGS.batch_size, progress=FLAGS.progress, guidance_override=_guidance_flags())
+    images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
+                      num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
+                      guidance_override=_guidance_flags())
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
     print(json.dumps({"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}))
-    ckpt.close()
 
 
 def _guidance_flags() -> dict:
@@ -183,7 +172,11 @@ def _parse_flags(argv):
                 sys.stderr.write(f"FATAL Flags parsing error: {msg}\n")
                 sys.exit(1)
         if isinstance(error, flags.Error):
-            return app.parse_flags_with_usage(argv)
+            # this error, not a re-parse: parsing again would re-define the --config.* override
+            # flags and report "defined twice" instead of, e.g., a badly typed value
+            sys.stderr.write(f"FATAL Flags parsing error: {error}\n"
+                             f"Pass --helpshort or --helpfull to see help on flags.\n")
+            sys.exit(1)
         raise
 
 

@@ -45,6 +45,20 @@ def test_cli_unknown_config_key_lists_valid_keys(tmp_path):
     assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("arg, says", [
+    ("--config.train.num_steps=abc", "flag --config.train.num_steps=abc: invalid literal for int()"),
+    ("--config.optim.lr=1e-3x", "flag --config.optim.lr=1e-3x: could not convert string to float"),
+])
+def test_cli_badly_typed_config_value_says_which_and_why(tmp_path, arg, says):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.cli", "train", "--config=configs/digits.py:tiny",
+         f"--workdir={tmp_path}", arg],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert says in proc.stderr and "defined twice" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
+
+
 # --- names: sampler, dataset, network, options --------------------------------------------------
 
 def test_unknown_sampler_lists_valid_names():

@@ -209,11 +209,6 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
         _log(f"resumed from {ckpt.directory}/{latest}")
     else:
         state = compile_options.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(int(config.seed)))
-    if jax.process_index() == 0:
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(config_to_json(config), f, indent=2)
-        os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: a kill never leaves half a file
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
     _log(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s) {dict(mesh.shape)}")
 
@@ -227,11 +222,22 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     start = int(jax.device_get(state.step))
     num_steps = int(tc.num_steps)
     log_every = int(tc.get("log_every", 50))
+    if start > num_steps:
+        ckpt.close()
+        raise ValueError(
+            f"the latest checkpoint in {ckpt.directory} is at step {start}, past "
+            f"train.num_steps={num_steps}: pass --config.train.num_steps > {start} to train on, "
+            f"or sample from it with `jaxdiff sample --workdir {workdir}`")
     if jax.process_index() == 0:
         _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
     source = make_source(config.data, "train")
     check_data_shape(config, source)
+    if jax.process_index() == 0:  # only once the config has been checked against the data
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config_to_json(config), f, indent=2)
+        os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: a kill never leaves half a file
     batches = batch_iterator(source, global_batch, seed=int(config.seed), start_step=start,
                              flip=bool(config.data.get("flip", False)))
     pending: list[tuple[int, dict]] = []
