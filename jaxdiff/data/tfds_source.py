@@ -90,8 +90,14 @@ def _unknown_error(name: str, data_dir: str | None):
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
-    """Maps integer images (uint8: [0, 255]; other ints: [0, iinfo.max]) or float images assumed
-    in [0, 1] to float32 in [-1, 1]."""
+    """Integer images (uint8: [0, 255]; other ints: [0, iinfo.max]) and booleans to float32 in
+    [-1, 1]; float features to float32 *as stored*.
+
+    A float feature is taken to be data already in the model's coordinates -- e.g. SD-VAE
+    latents scaled by 0.18215 (``configs/imagenet256_dit.py``), roughly zero-mean, unit-std --
+    and is not rescaled: there is no range to infer from a float dtype, and the sampler has no
+    inverse to undo a guessed one. Float images in [0, 1] must be mapped to [-1, 1] when the
+    dataset is prepared."""
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -100,7 +106,7 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
         return (images.astype(np.float32) / scale - np.float32(1.0)).astype(np.float32)
     if images.dtype == np.bool_:
         return images.astype(np.float32) * 2.0 - 1.0
-    return images.astype(np.float32) * np.float32(2.0) - np.float32(1.0)
+    return images.astype(np.float32)
 
 
 def open_data_source(name: str, split: str = "train", data_dir: str | None = None):
@@ -135,8 +141,9 @@ def open_data_source(name: str, split: str = "train", data_dir: str | None = Non
 class TfdsSource:
     """Source over a prepared TFDS dataset split with batched random access.
 
-    ``__getitem__(indices)`` returns ``{"image": float32 (n, H, W, C) in [-1, 1],
-    "label": int32 (n,)}`` (labels are zeros when the dataset has no ``label_key``).
+    ``__getitem__(indices)`` returns ``{"image": float32 (n, H, W, C), "label": int32 (n,)}``:
+    integer images mapped to [-1, 1], float features as stored (:func:`to_unit_range`); labels
+    are zeros when the dataset has no ``label_key``.
     """
 
     def __init__(

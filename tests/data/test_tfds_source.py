@@ -227,3 +227,22 @@ def test_import_is_lazy():
             "sys.exit(int('tensorflow_datasets' in sys.modules or 'tensorflow' in sys.modules))")
     root = pathlib.Path(jaxdiff.__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_float_features_are_read_as_stored(monkeypatch):
+    """A float feature (e.g. SD-VAE latents scaled by 0.18215, as configs/imagenet256_dit.py
+    reads) reaches the model unchanged; integer images are mapped to [-1, 1]."""
+    from jaxdiff.data import tfds_source
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((8, 4, 4, 4)).astype(np.float32)
+    records = [{"latent": latents[i], "label": i % 3} for i in range(8)]
+    monkeypatch.setattr(tfds_source, "open_data_source", lambda *a, **k: records)
+    src = tfds_source.TfdsSource("fake_latents", image_key="latent")
+    batch = src[np.arange(8)]
+    assert batch["image"].dtype == np.float32
+    np.testing.assert_array_equal(batch["image"], latents)
+    np.testing.assert_array_equal(batch["label"], np.arange(8) % 3)
+    ints = np.array([[0, 255]], np.uint8)
+    np.testing.assert_array_equal(tfds_source.to_unit_range(ints), [[-1.0, 1.0]])
+    np.testing.assert_array_equal(tfds_source.to_unit_range(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
