@@ -54,7 +54,10 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     def sample(params, key, y):
         k_init, k_sampler = jax.random.split(key)
         x = jax.lax.with_sharding_constraint(grid.prior_sample(k_init, shape), out_sharding)
-        if guided and y is not None:
+        if guided and y is None:
+            raise ValueError(f"guidance scale {g['scale']} needs class labels: call sample(params, key, y) "
+                             "with y of shape (batch,), or sample with guidance scale 1")
+        if guided:
             d = guidance.classifier_free_guidance(
                 conditional_denoiser(config, model, params), y, null_labels(config, y.shape[0]), g["scale"],
                 interval=g["interval"], rescale=g["rescale"], process=process)

@@ -20,7 +20,9 @@ Processes here:
 * :class:`RectifiedFlow` -- the linear interpolant alpha = 1 - t, sigma = t (Liu et al. 2023;
   Lipman et al. 2023 with sigma_min = 0).
 
-All returned arrays are float32 unless the inputs are of a wider type.
+All returned arrays are float32, whatever the inputs' dtype (times are cast to float32 first; with
+``jax_enable_x64`` on as well). The samplers likewise carry their state in float32 and return
+it in the input's dtype: a float64 state is computed in float32.
 """
 
 from __future__ import annotations

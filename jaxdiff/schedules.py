@@ -191,7 +191,12 @@ def beta_times(process: Process, num_steps: int, a: float = 0.6, b: float = 0.6,
     return t_end + q * (process.t_max - t_end)
 
 
-def _append_zero(t, alpha, sigma):
+def _append_zero(t, alpha, sigma, who: str):
+    if float(sigma[-1]) == 0.0:
+        raise ValueError(
+            f"{who}: the last point is already clean (sigma = 0 at t = {float(t[-1]):g}); "
+            "final='zero' would append a second one and the samplers would evaluate the model at "
+            "sigma = 0. Pass final='last' (N points -> N - 1 steps).")
     return (
         jnp.concatenate([t, jnp.zeros((1,), t.dtype)]),
         jnp.concatenate([alpha, jnp.ones((1,), alpha.dtype)]),
@@ -203,12 +208,14 @@ def grid_from_times(process: Process, times, final: str = "zero") -> Grid:
     """A Grid visiting ``times`` (decreasing).
 
     ``final="zero"`` appends the clean point (alpha 1, sigma 0) after the last time, so ``N``
-    times give ``N`` steps; ``final="last"`` ends at the last time (``N - 1`` steps).
+    times give ``N`` steps; ``final="last"`` ends at the last time (``N - 1`` steps), as times
+    that already end at a clean point (e.g. ``linspace(1, 0, N)`` of rectified flow) need:
+    ``"zero"`` raises there.
     """
     t = jnp.asarray(np.asarray(times, np.float64), jnp.float32)
     alpha, sigma = process.alpha(t), process.sigma(t)
     if final == "zero":
-        t, alpha, sigma = _append_zero(t, alpha, sigma)
+        t, alpha, sigma = _append_zero(t, alpha, sigma, "grid_from_times")
     elif final != "last":
         raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
     return Grid(t=t, alpha=alpha.astype(jnp.float32), sigma=sigma.astype(jnp.float32), process=process)
@@ -222,7 +229,7 @@ def grid_from_sigmas(process: Process, sigmas, final: str = "zero") -> Grid:
     alpha = 1.0 / jnp.sqrt(1.0 + s**2) if _is_vp(process) else process.alpha(t)
     sigma = s * alpha
     if final == "zero":
-        t, alpha, sigma = _append_zero(t, alpha, sigma)
+        t, alpha, sigma = _append_zero(t, alpha, sigma, "grid_from_sigmas")
     elif final != "last":
         raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
     return Grid(t=t, alpha=alpha, sigma=sigma, process=process)

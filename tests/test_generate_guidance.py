@@ -53,3 +53,11 @@ def test_guidance_settings_and_errors():
     assert int(unc.model.get("num_classes", 0) or 0) == 0
     with pytest.raises(ValueError, match="class-conditional"):
         make_sample_fn(unc, build_model(unc), "ddim", 4, 8, guidance_override={"scale": 2.0})
+
+
+def test_guided_sampling_without_labels_is_an_error(tiny):
+    """With guidance on, y=None would silently sample the unguided model: it raises instead."""
+    cfg, model, params = tiny
+    fn = make_sample_fn(cfg, model, "ddim", 2, 4, guidance_override={"scale": 3.0})
+    with pytest.raises(ValueError, match="guidance scale 3.0 needs class labels"):
+        fn(params, jax.random.PRNGKey(0), None)

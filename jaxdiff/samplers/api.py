@@ -120,6 +120,7 @@ _UNSUPPORTED_DEFAULTS = {
     "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
     "interpolation_type": "linear", "timestep_type": "discrete", "variance_type": "fixed_small",
     "euler_at_final": False, "lambda_min_clipped": -float("inf"), "sigma_min": None, "sigma_max": None,
+    "predict_x0": True, "solver_p": None,  # UniPCMultistepScheduler
 }
 
 
@@ -360,7 +361,7 @@ _OPTION_DEFAULTS = {  # diffusers' defaults where the jaxdiff sampler's default 
 
 def _config_options(name: str, cfg: Mapping) -> dict:
     """Sampler options from a diffusers scheduler config (solver order / type / algorithm,
-    ``lower_order_final``, PNDM's ``skip_prk_steps``); a config that names a different method than
+    ``lower_order_final``, UniPC's ``disable_corrector``, PNDM's ``skip_prk_steps``); a config that names a different method than
     ``name`` raises rather than being half-applied."""
     opts = {}
     if name in ("dpm_solver", "unipc", "deis"):
@@ -374,6 +375,8 @@ def _config_options(name: str, cfg: Mapping) -> dict:
                 opts[opt] = cfg[key]
     if name == "unipc" and "solver_type" in cfg:
         opts["variant"] = cfg["solver_type"]
+    if name == "unipc" and cfg.get("disable_corrector"):
+        opts["disable_corrector"] = tuple(int(i) for i in cfg["disable_corrector"])
     if name == "dpmpp_2m":
         if cfg.get("solver_order", 2) != 2 or cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++" \
                 or cfg.get("solver_type", "midpoint") != "midpoint":

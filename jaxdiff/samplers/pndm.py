@@ -166,7 +166,9 @@ def plms(denoise, x, grid, *, key=None, combine: str = "eps"):
     mix to eps at the step's start point, eps = (sigma x + alpha v) / (alpha^2 + sigma^2)).
     See the module docstring.
     """
-    validate("plms", x, grid, key, stochastic=False)
+    # One step would evaluate the model's trial point at the grid's end, sigma = 0, where its
+    # eps = (x - alpha x0_hat) / sigma is 0/0: at least 2 steps.
+    validate("plms", x, grid, key, stochastic=False, min_steps=2)
     require_alpha_start_positive("plms", grid, "its eps-space steps divide by alpha")
     _check_combine("plms", combine)
     x_j, hist, k = _warmup(denoise, x, grid, "euler", combine)

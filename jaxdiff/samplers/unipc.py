@@ -110,7 +110,7 @@ def unipc(denoise, x, grid, *, key=None, order: int = 2, variant: str = "bh2",
         hh = -h
         if predictor:
             if q == 2:
-                rhos = jnp.asarray([0.5])
+                rhos = jnp.full((1,), 0.5, h.dtype)  # not a float64 constant under jax_enable_x64
             else:
                 rhos = jnp.linalg.solve(_vandermonde(jnp.stack(rks)), _b(q, hh, bh1)[:-1])
             res = sum(rhos[k] * d1s[k] for k in range(q - 1))

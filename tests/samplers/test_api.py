@@ -221,6 +221,22 @@ def test_options_and_config_mapping(monkeypatch):
         api.sample("pndm", jax_net, jnp.asarray(NOISE), dict(diffusers.PNDMScheduler(skip_prk_steps=True).config), 10)
 
 
+def test_unipc_config_keys_are_applied_or_refused(monkeypatch):
+    """UniPC's disable_corrector from a config reaches the sampler (as diffusers applies it);
+    predict_x0=False / a solver_p are refused, not dropped."""
+    sched = diffusers.UniPCMultistepScheduler(beta_schedule="linear", disable_corrector=[0, 1, 2, 3])
+    cfg = dict(sched.config)
+    theirs = diffusers_loop(sched, 8, monkeypatch)
+    mine = np.asarray(jax.jit(lambda x: api.sample("unipc", jax_net, x, cfg, 8))(jnp.asarray(NOISE)))
+    assert rel_err(mine, theirs) < TOL, rel_err(mine, theirs)
+    corrected = np.asarray(jax.jit(lambda x: api.sample("unipc", jax_net, x, dict(cfg, disable_corrector=[]),
+                                                        8))(jnp.asarray(NOISE)))
+    assert rel_err(corrected, theirs) > 1e-3  # the corrector matters here, so the check above is one
+    for key, value in (("predict_x0", False), ("solver_p", "dpmsolver++")):
+        with pytest.raises(ValueError, match=f"{key}="):
+            api.sample("unipc", jax_net, jnp.asarray(NOISE), dict(cfg, **{key: value}), 8)
+
+
 def test_errors():
     x = jnp.asarray(NOISE)
     with pytest.raises(ValueError, match="unknown sampler 'eulr'.*available: .*euler"):
