@@ -88,9 +88,34 @@ def _from_space(space, out, x, t, process):
     if space == "x0":
         return out
     a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
-    if space == "eps":
-        return (x - s * out) / a
+    if space == "eps":  # undefined where alpha = 0: _rescale_x0 replaces those entries
+        return (x - s * out) / jnp.where(a == 0, 1.0, a)
     return (a * x - s * out) / (a**2 + s**2)  # v
+
+
+def _rescale_x0(space, g, c, x, t, process, phi):
+    """CFG rescale of the guided x0 ``g`` (conditional x0 ``c``) done in ``space``, returned as x0.
+
+    In eps space, x0 = (x - sigma eps) / alpha has no value where alpha = 0 -- t_max of
+    RectifiedFlow and of zero-terminal-SNR DiscreteVP, where samplers start. With
+    f = std(eps_c) / std(eps_g) = std(x - alpha c) / std(x - alpha g), the rescaled x0 is
+    ``g - phi (x - alpha g) (f - 1) / alpha``, whose limit as alpha -> 0 (x, g, c fixed) is
+
+        g - phi * x * cov(x, g - c) / var(x)      (per example, over the non-batch axes),
+
+    and that is what is returned where alpha = 0: finite, continuous in t, and the un-rescaled
+    guided x0 ``g`` itself where x is uncorrelated with the guidance direction g - c (or var(x) = 0).
+    """
+    out = _from_space(space, rescale_guidance(_to_space(space, g, x, t, process),
+                                              _to_space(space, c, x, t, process), phi), x, t, process)
+    if space != "eps":
+        return out
+    axes = tuple(range(1, x.ndim))
+    xc = x - jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(xc**2, axis=axes, keepdims=True)
+    cov = jnp.mean(xc * (g - c), axis=axes, keepdims=True)  # 0 wherever var is
+    at_zero_alpha = g - jnp.asarray(phi, g.dtype) * x * cov / jnp.where(var == 0, 1.0, var)
+    return jnp.where(_bcast(process.alpha(t), x) == 0, at_zero_alpha, out)
 
 
 def rescale_guidance(guided, cond, phi):
@@ -139,7 +164,11 @@ def classifier_free_guidance(
       rescale: CFG rescale ``phi`` in [0, 1] (0 = off; Lin et al. suggest 0.7). May be traced.
       rescale_space: the prediction whose standard deviation is rescaled: ``"x0"`` (default),
         ``"eps"`` (what diffusers' pipelines rescale for epsilon models) or ``"v"`` (Lin et al.'s
-        v-prediction models). Needs ``process`` unless ``"x0"``.
+        v-prediction models). Needs ``process`` unless ``"x0"``. Where alpha = 0 (t_max of
+        RectifiedFlow and zero-terminal-SNR DiscreteVP) eps does not determine x0; there eps-space
+        rescaling returns its limit as alpha -> 0, ``g - rescale * x * cov(x, g - c) / var(x)``
+        per example (g, c the guided and conditional x0), which is g when x and g - c are
+        uncorrelated.
       process: the forward process (for ``interval`` and for rescaling in eps / v space).
 
     Returns:
@@ -164,9 +193,7 @@ def classifier_free_guidance(
         c, u = out[:b], out[b:]
         g = u + jnp.asarray(scale, out.dtype) * (c - u)
         if do_rescale:
-            gs = _to_space(rescale_space, g, x, t, process)
-            cs = _to_space(rescale_space, c, x, t, process)
-            g = _from_space(rescale_space, rescale_guidance(gs, cs, rescale), x, t, process).astype(out.dtype)
+            g = _rescale_x0(rescale_space, g, c, x, t, process, rescale).astype(out.dtype)
         return g
 
     def conditional_only(x, t):

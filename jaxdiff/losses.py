@@ -9,7 +9,9 @@ coordinate system ``x_t = alpha(t) x0 + sigma(t) eps``:
   ``min_snr`` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting",
   w = min(SNR, gamma) in x0 terms), ``p2`` (Choi et al. 2022, Eq. 8:
   w = 1 / (k + SNR)^gamma in eps terms), ``edm`` (Karras et al. 2022, Eq. 8 / Table 1:
-  lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 in x0 terms);
+  lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 in x0 terms), each written
+  so that it is finite, and equal to its limit, at zero SNR (alpha = 0) and infinite SNR
+  (sigma = 0) -- see :func:`loss_weight` for the endpoint values;
 * time densities: the process's own (uniform integers for DDPM, EDM's log-normal),
   ``uniform``, ``logit_normal`` (Esser et al. 2024, SD3, Eq. 19) and ``lognormal`` over the
   VE-frame sigma (EDM).
@@ -97,19 +99,76 @@ def x0_error_scale(prediction: str, t, process: Process):
 
 def loss_weight(weighting: str, prediction: str, t, process: Process, *, min_snr_gamma: float = 5.0,
                 p2_gamma: float = 1.0, p2_k: float = 1.0, sigma_data: float = 0.5):
-    """Per-example weight applied to the MSE in the prediction's own space."""
+    """Per-example weight applied to the MSE in the prediction's own space.
+
+    The weighting defines a weight ``w0(SNR)`` on the x0-space error, and the returned weight is
+    ``w0 / r`` with ``r`` = :func:`x0_error_scale` (so every prediction type gets the same
+    x0-space weighting):
+
+    * ``min_snr`` -- Hang et al. 2023, w0 = min(SNR, gamma): epsilon min(SNR, gamma) / SNR,
+      v-prediction min(SNR, gamma) / (SNR + 1) (VP), x0 min(SNR, gamma);
+    * ``p2`` -- Choi et al. 2022, Eq. 8: 1 / (k + SNR)^gamma on the eps error, w0 = SNR / (k + SNR)^gamma;
+    * ``edm`` -- Karras et al. 2022, Eq. 8 / Table 1: lambda(s) = (s^2 + sigma_data^2) / (s sigma_data)^2
+      on the x0 error with s = sigma / alpha, i.e. w0 = 1 / sigma_data^2 + SNR.
+
+    Endpoints. ``w0 / r`` is written out per prediction type in a form with no 0/0 or inf/inf,
+    so it is finite at zero SNR (alpha = 0: zero-terminal-SNR DiscreteVP at t_max, RectifiedFlow
+    at t = 1) and at infinite SNR (sigma = 0: RectifiedFlow, VPCosine, VPLinear, EDM at t = 0)
+    and equals its limit there; away from them it equals ``w0 / r`` up to float rounding.
+    E.g. min-SNR-eps -> 1 and P2-eps -> 1 / k^gamma as SNR -> 0, min-SNR-eps -> 0 as SNR -> inf,
+    EDM-v -> 1 / (sigma_data^2 sigma^2) at alpha = 0 and 1 / alpha^2 at sigma = 0.
+    Two kinds of endpoint have no finite value and get weight **0** (the example is left out of
+    the loss -- a finite cap would instead make one example's gradient arbitrarily large):
+
+    * where the limit is +inf: ``edm`` with x0 / ``edm`` outputs at sigma = 0; ``edm`` with
+      epsilon / score outputs at alpha = 0; ``p2`` with x0 / ``edm`` outputs at sigma = 0 when
+      gamma < 1 (the limit of SNR^(1 - gamma); it is 1 for gamma = 1 and 0 for gamma > 1). At
+      these points the target is a fixed function of x_t (x0 = x_t / alpha; eps = x_t / sigma);
+    * ``velocity`` where alpha' sigma = alpha sigma' (r = 0: the output carries no information
+      about x0) -- only on zero-terminal-SNR DiscreteVP's last interval (t_max - 1, t_max],
+      where alpha = 0 throughout and the velocity target is identically 0.
+
+    ``none`` is 1 everywhere. ``min_snr_gamma`` and ``p2_k`` are assumed positive.
+    """
     if weighting == "none":
         return jnp.ones_like(jnp.asarray(t, jnp.float32))
-    snr = jnp.exp(process.logsnr(t))
-    r = x0_error_scale(prediction, t, process)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction!r}")
+    snr = jnp.exp(process.logsnr(t))  # exactly 0 at alpha = 0 and inf at sigma = 0
+    a2, s2 = process.alpha(t) ** 2, process.sigma(t) ** 2
+    # Three limit-safe forms per weighting: w0, w0 / SNR (the weight on the eps error) and
+    # w0 sigma^2 (= w0 / SNR * alpha^2); each prediction's w0 / r is one of them times a finite factor.
     if weighting == "min_snr":
-        return jnp.minimum(snr, min_snr_gamma) / r
-    if weighting == "p2":
-        return snr / (r * (p2_k + snr) ** p2_gamma)
-    if weighting == "edm":
-        s = process.sigma(t) / process.alpha(t)
-        return (s**2 + sigma_data**2) / (s * sigma_data) ** 2 / r
-    raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        g = min_snr_gamma
+        w0 = jnp.minimum(snr, g)  # in [0, gamma]
+        w_eps = jnp.where(snr > g, g / jnp.where(snr > g, snr, 1.0), 1.0)  # min(SNR, gamma) / SNR
+        w0_s2 = w0 * s2
+    elif weighting == "p2":
+        w_eps = 1.0 / (p2_k + snr) ** p2_gamma  # 1 / k^gamma at SNR = 0, 0 at SNR = inf (gamma > 0)
+        # w0 = SNR w_eps; at SNR = inf the limit of SNR^(1 - gamma): +inf, 1 or 0 for gamma <, =, > 1
+        at_inf = jnp.where(p2_gamma == 1, 1.0, jnp.where(p2_gamma > 1, 0.0, jnp.inf))
+        w0 = jnp.where(jnp.isinf(snr), at_inf, jnp.where(jnp.isinf(snr), 0.0, snr) * w_eps)
+        w0_s2 = a2 * w_eps
+    else:  # edm
+        sd2 = sigma_data**2
+        w0 = 1.0 / sd2 + snr  # +inf at SNR = inf
+        w_eps = 1.0 + 1.0 / (sd2 * snr)  # +inf at SNR = 0, 1 at SNR = inf
+        w0_s2 = s2 / sd2 + a2
+    if prediction in ("sample", "edm"):  # r = 1
+        w = w0
+    elif prediction == "epsilon":  # r = SNR
+        w = w_eps
+    elif prediction == "score":  # r = SNR / sigma^2
+        w = w_eps * s2
+    elif prediction == "v_prediction":  # r = (alpha^2 + sigma^2)^2 / sigma^2
+        w = w0_s2 / (a2 + s2) ** 2
+    else:  # velocity: r = dd^2 / sigma^2 with dd = alpha' sigma - alpha sigma'
+        da, ds = process.derivatives(t)
+        dd = da * process.sigma(t) - process.alpha(t) * ds
+        w = jnp.where(dd == 0, 0.0, w0_s2 / jnp.where(dd == 0, 1.0, dd**2))
+    return jnp.where(w == jnp.inf, 0.0, w)  # the +inf limits listed above
 
 
 def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,

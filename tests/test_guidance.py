@@ -170,6 +170,71 @@ def test_cfg_rescale_matches_conditional_std():
     np.testing.assert_allclose(jnp.std(out, axis=1), jnp.std(cond, axis=1), rtol=1e-4)
 
 
+def _toy_denoise_cond(x, t, c):
+    """A finite conditional x0 model that still depends on x at alpha = 0 (so cov(x, g - c) != 0)."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))[:, None]
+    shift = jnp.where((c == NULL)[:, None], 0.0, jnp.take(MEANS, jnp.minimum(c, K - 1), axis=0)[:, :1])
+    return shift + 0.3 * jnp.tanh(x) * (1.0 + t / 1000.0) + 0.1 * c[:, None].astype(jnp.float32) * x**2 / 8
+
+
+def _eps_rescale_ref(g, c, x, a, s, phi):
+    """The eps-space CFG rescale as written before (x0 = (x - s eps) / a), in float64 (a, s: (B, 1))."""
+    g, c, x = (np.asarray(v, np.float64) for v in (g, c, x))
+    eg, ec = (x - a * g) / s, (x - a * c) / s
+    f = ec.std(axis=1, keepdims=True) / eg.std(axis=1, keepdims=True)
+    return (x - s * (phi * eg * f + (1 - phi) * eg)) / a
+
+
+@pytest.mark.parametrize("proc", [P.RectifiedFlow(), P.discrete_vp("linear", rescale_betas_zero_snr=True)],
+                         ids=["rectified_flow", "discrete_zero_snr"])
+def test_cfg_rescale_eps_space_is_finite_at_zero_alpha(proc):
+    """At t_max alpha = 0 and x0 = (x - sigma eps) / alpha is 0/0: the output there is the limit
+    g - phi x cov(x, g - c) / var(x); elsewhere (per-example t too) the formula is unchanged."""
+    n, dim, w, phi = 6, 8, 3.0, 0.7
+    x = jax.random.normal(jax.random.key(5), (n, dim))
+    y = jnp.arange(n) % K
+    null = jnp.full_like(y, NULL)
+    d = guidance.classifier_free_guidance(_toy_denoise_cond, y, null, w, rescale=phi, rescale_space="eps",
+                                          process=proc)
+    t_max = proc.t_max
+    assert float(proc.alpha(t_max)) == 0.0
+    out = np.asarray(d(x, t_max))
+    assert np.all(np.isfinite(out))
+    c, u = _toy_denoise_cond(x, t_max, y), _toy_denoise_cond(x, t_max, null)
+    g = np.asarray(u + w * (c - u), np.float64)
+    xn = np.asarray(x, np.float64)
+    xc = xn - xn.mean(1, keepdims=True)
+    cov = (xc * (g - np.asarray(c, np.float64))).mean(1, keepdims=True)
+    limit = g - phi * xn * cov / (xc**2).mean(1, keepdims=True)
+    np.testing.assert_allclose(out, limit, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(limit - g)) > 1e-3  # the correction is not vacuous here
+    # continuity: the old formula just inside t_max tends to it (the error is O(alpha))
+    near = t_max - (1e-3 if proc.t_max == 1.0 else 0.0)
+    if not proc.discrete:  # DiscreteVP's alpha is 0 on all of (t_max - 1, t_max]
+        a, s = float(proc.alpha(near)), float(proc.sigma(near))
+        cn, un = _toy_denoise_cond(x, near, y), _toy_denoise_cond(x, near, null)
+        ref = _eps_rescale_ref(un + w * (cn - un), cn, x, a, s, phi)
+        np.testing.assert_allclose(out, ref, atol=5e-3)
+    # away from t_max, and per-example t mixing both: the formula as before
+    ts = jnp.asarray([t_max, 0.3 * t_max, 0.7 * t_max, 0.95 * t_max, t_max, 0.5 * t_max], jnp.float32)
+    out_b = np.asarray(d(x, ts))
+    a = np.asarray(proc.alpha(ts), np.float64)[:, None]
+    s = np.asarray(proc.sigma(ts), np.float64)[:, None]
+    cb, ub = _toy_denoise_cond(x, ts, y), _toy_denoise_cond(x, ts, null)
+    inside = a[:, 0] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = _eps_rescale_ref(ub + w * (cb - ub), cb, x, a, s, phi)
+    # float32 cancellation in (x - s eps) / a grows like 1 / a: compare within that
+    tol = 1e-4 * np.abs(ref) + 1e-6 * (1 + np.abs(np.asarray(x))) / np.where(inside, a[:, 0], 1.0)[:, None]
+    assert np.all(np.abs(out_b - ref)[inside] <= tol[inside])
+    np.testing.assert_allclose(out_b[~inside], limit[~inside], rtol=1e-5, atol=1e-5)
+    for t in (0.3 * t_max, 0.95 * t_max):
+        a, s = float(proc.alpha(t)), float(proc.sigma(t))
+        cs, us = _toy_denoise_cond(x, t, y), _toy_denoise_cond(x, t, null)
+        ref = _eps_rescale_ref(us + w * (cs - us), cs, x, a, s, phi)
+        assert np.all(np.abs(np.asarray(d(x, t)) - ref) <= 1e-4 * np.abs(ref) + 1e-6 * (1 + np.abs(np.asarray(x))) / a)
+
+
 def test_cfg_scale_is_traced_no_recompile():
     grid, x = _x_T(16)
     y = jnp.arange(16) % K

@@ -263,3 +263,192 @@ def test_loss_jit_and_grad():
 
     val, g = jax.jit(jax.value_and_grad(loss))(jnp.asarray(0.5))
     assert np.isfinite(float(val)) and float(val) > 0 and np.isfinite(float(g)) and float(g) != 0
+
+
+# ------------------------------------------------------------------------------------------
+# zero / infinite SNR endpoints
+# ------------------------------------------------------------------------------------------
+
+ZERO_SNR_DDPM = P.discrete_vp("linear", rescale_betas_zero_snr=True)
+# times including alpha = 0 (zero SNR) and sigma = 0 (infinite SNR) where the process has them:
+# zero-SNR DDPM at t_max = 999 and inside (998, 999] (alpha = 0 on that whole interval),
+# rectified flow at 0 and 1, the VP processes and EDM at t = 0 (sigma = 0), plus t_min/t_max and
+# the first step 1/T of a 1000-step grid.
+ENDPOINTS = {
+    "discrete_zero_snr": (ZERO_SNR_DDPM, [0.0, 1.0, 998.0, 998.5, 999.0]),
+    "vp_cosine": (P.VPCosine(), [0.0, 1e-3, 0.9946]),
+    "rectified_flow": (P.RectifiedFlow(), [0.0, 1e-3, 1.0 - 1e-3, 1.0]),
+    "vp_linear": (P.VPLinear(), [0.0, 1e-3, 1.0]),
+    "edm": (P.EDM(), [0.0, 0.002, 80.0]),
+    "ve": (P.VE(), [0.0, 1.0]),
+}
+# (id, weighting, hyper-parameters): P2's SNR^(1 - gamma) limit at sigma = 0 is +inf, 1 or 0 for
+# gamma < 1, = 1, > 1, so all three are covered
+WEIGHT_CASES = [
+    ("none", "none", {}),
+    ("min_snr", "min_snr", {}),
+    ("min_snr_g1", "min_snr", {"min_snr_gamma": 1.0}),
+    ("p2", "p2", {}),
+    ("p2_g0.5", "p2", {"p2_gamma": 0.5}),
+    ("p2_g2_k0.5", "p2", {"p2_gamma": 2.0, "p2_k": 0.5}),
+    ("edm", "edm", {}),
+    ("edm_sd0.7", "edm", {"sigma_data": 0.7}),
+]
+_W_IDS = [c[0] for c in WEIGHT_CASES]
+
+
+def old_loss_weight(weighting, prediction, t, process, *, min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0,
+                    sigma_data=0.5):
+    """loss_weight as first written: w0(SNR) / x0_error_scale (NaN at zero / infinite SNR)."""
+    if weighting == "none":
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+    snr = jnp.exp(process.logsnr(t))
+    r = L.x0_error_scale(prediction, t, process)
+    if weighting == "min_snr":
+        return jnp.minimum(snr, min_snr_gamma) / r
+    if weighting == "p2":
+        return snr / (r * (p2_k + snr) ** p2_gamma)
+    s = process.sigma(t) / process.alpha(t)
+    return (s**2 + sigma_data**2) / (s * sigma_data) ** 2 / r
+
+
+def _geometry(proc, t):
+    """alpha, sigma and dd = alpha' sigma - alpha sigma' in float64."""
+    t = jnp.asarray(t, jnp.float32)
+    a, s = np.asarray(proc.alpha(t), np.float64), np.asarray(proc.sigma(t), np.float64)
+    da, ds = (np.asarray(v, np.float64) for v in proc.derivatives(t))
+    with np.errstate(invalid="ignore"):
+        dd = da * s - a * ds
+    return a, s, dd
+
+
+def endpoint_weight(weighting, pred, a, s, dd, min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0, sigma_data=0.5):
+    """The weight at alpha = 0 (SNR = 0) or sigma = 0 (SNR = inf), worked out by hand as the limit of
+    w0(SNR) / r(t); where that limit is +inf, or where dd = 0 (the velocity says nothing about x0),
+    loss_weight documents 0. Returns (value, limit_is_infinite)."""
+    pred = "sample" if pred == "edm" else pred
+    g, gam, k, sd2 = min_snr_gamma, p2_gamma, p2_k, sigma_data**2
+    if weighting == "none":
+        return 1.0, False
+    with np.errstate(divide="ignore"):  # the table is built whole: dd = 0 entries are not used
+        return _endpoint_table(weighting, pred, a, s, dd, g, gam, k, sd2)
+
+
+def _endpoint_table(weighting, pred, a, s, dd, g, gam, k, sd2):
+    if a == 0:
+        if pred == "velocity" and dd == 0:
+            return 0.0, False
+        w = {"min_snr": {"sample": 0.0, "epsilon": 1.0, "v_prediction": 0.0, "score": s**2, "velocity": 0.0},
+             "p2": {"sample": 0.0, "epsilon": k**-gam, "v_prediction": 0.0, "score": s**2 * k**-gam,
+                    "velocity": 0.0},
+             "edm": {"sample": 1 / sd2, "epsilon": np.inf, "v_prediction": 1 / (sd2 * s**2), "score": np.inf,
+                     "velocity": s**2 / (sd2 * dd**2)}}[weighting][pred]
+    else:
+        assert s == 0
+        p2_x0 = 1.0 if gam == 1 else (0.0 if gam > 1 else np.inf)
+        w = {"min_snr": {"sample": g, "epsilon": 0.0, "v_prediction": 0.0, "score": 0.0, "velocity": 0.0},
+             "p2": {"sample": p2_x0, "epsilon": 0.0, "v_prediction": 0.0, "score": 0.0, "velocity": 0.0},
+             "edm": {"sample": np.inf, "epsilon": 1.0, "v_prediction": 1 / a**2, "score": 0.0,
+                     "velocity": a**2 / dd**2}}[weighting][pred]
+    return (0.0, True) if w == np.inf else (w, False)
+
+
+@pytest.mark.parametrize("wid,weighting,kw", WEIGHT_CASES, ids=_W_IDS)
+@pytest.mark.parametrize("name", list(ENDPOINTS))
+def test_loss_weight_finite_and_limit_at_endpoints(name, wid, weighting, kw):
+    """Finite, >= 0 at every endpoint; at alpha = 0 / sigma = 0 equal to the hand-worked limit, and
+    (continuous processes) to the old formula just inside the endpoint -- which is large where the
+    limit is +inf and loss_weight gives 0; elsewhere equal to the old formula."""
+    proc, times = ENDPOINTS[name]
+    t = jnp.asarray(times, jnp.float32)
+    a, s, dd = _geometry(proc, t)
+    degenerate = (a == 0) | (s == 0)
+    assert degenerate.any() or name == "ve"
+    for pred in PZ.PREDICTIONS:
+        w = np.asarray(L.loss_weight(weighting, pred, t, proc, **kw), np.float64)
+        assert w.shape == t.shape
+        assert np.all(np.isfinite(w)) and np.all(w >= 0), (pred, w)
+        with np.errstate(all="ignore"):
+            old = np.asarray(old_loss_weight(weighting, pred, t, proc, **kw), np.float64)
+        np.testing.assert_allclose(w[~degenerate], old[~degenerate], rtol=2e-5, err_msg=pred)
+        for i in np.flatnonzero(degenerate):
+            expect, infinite = endpoint_weight(weighting, pred, a[i], s[i], dd[i], **kw)
+            np.testing.assert_allclose(w[i], expect, rtol=1e-5, atol=1e-12, err_msg=f"{pred} t={times[i]}")
+            if proc.discrete:  # alpha jumps to 0 on (998, 999]: no limit from inside to compare with
+                continue
+            # the old formula at 1e-3 and 1e-4 inside the endpoint converges to it (or blows up)
+            inward = 1.0 if times[i] == 0.0 else -1.0
+            near = [float(old_loss_weight(weighting, pred, jnp.float32(times[i] + inward * d), proc, **kw))
+                    for d in (1e-3, 1e-4)]
+            if infinite:
+                assert near[1] > 10 and near[1] > 2 * near[0], (pred, times[i], near)
+            else:
+                err = [abs(v - expect) for v in near]
+                assert err[1] <= 1e-4 * (1 + expect) + 0.3 * err[0], (pred, times[i], expect, near)
+
+
+@pytest.mark.parametrize("name", list(ENDPOINTS))
+def test_loss_weight_matches_old_formula_inside(name):
+    """Away from alpha = 0 and sigma = 0 the rewritten weights are the old w0 / r to float rounding."""
+    proc, _ = ENDPOINTS[name]
+    lo, hi = proc.t_min, proc.t_max
+    t = jnp.concatenate([jnp.linspace(lo, hi, 41), jnp.asarray([lo + 1e-4 * (hi - lo), hi - 1e-4 * (hi - lo)])])
+    a, s, _ = _geometry(proc, t)
+    keep = (a > 0) & (s > 0)
+    assert keep.sum() >= 40
+    for _, weighting, kw in WEIGHT_CASES:
+        for pred in PZ.PREDICTIONS:
+            w = np.asarray(L.loss_weight(weighting, pred, t, proc, **kw), np.float64)
+            with np.errstate(all="ignore"):
+                old = np.asarray(old_loss_weight(weighting, pred, t, proc, **kw), np.float64)
+            np.testing.assert_allclose(w[keep], old[keep], rtol=2e-5, err_msg=f"{weighting} {kw} {pred}")
+
+
+def _unweighted_target_is_infinite(pred, proc, t):
+    """Points where the unweighted loss is already non-finite whatever the weighting -- the target or
+    the network input is infinite there (parameterization, not weighting): score = -eps / sigma at
+    sigma = 0; velocity where sigma'(t) = inf (VP at t = 0: sigma ~ sqrt(t)); EDM preconditioning at
+    alpha = 0 (sigma / alpha = inf)."""
+    a, s, _ = _geometry(proc, t)
+    ds = np.asarray(proc.derivatives(jnp.asarray(t, jnp.float32))[1], np.float64)
+    return {"score": s == 0, "velocity": np.isinf(ds), "edm": a == 0}.get(pred, np.zeros(a.shape, bool))
+
+
+@pytest.mark.parametrize("name", list(ENDPOINTS))
+def test_diffusion_loss_finite_when_times_include_endpoints(name, monkeypatch):
+    """A full diffusion_loss whose time draw is the endpoints: finite for every weighting and
+    prediction, except where the unweighted loss itself is (see _unweighted_target_is_infinite)."""
+    proc, times = ENDPOINTS[name]
+    t = jnp.asarray(times, jnp.float32)
+    monkeypatch.setattr(L, "sample_times", lambda key, batch, process, density, **kw: t)
+    x0 = jax.random.normal(jax.random.key(2), (len(times), 2, 3, 3))
+    net = lambda x, ti: 0.5 * x + 0.1  # noqa: E731  (finite, ignores t: EDM's c_noise is -inf at sigma = 0)
+    for pred in PZ.PREDICTIONS:
+        bad = _unweighted_target_is_infinite(pred, proc, t)
+        unweighted = np.asarray(L.diffusion_loss(net, x0, KEY, process=proc, prediction=pred))
+        assert np.array_equal(~np.isfinite(unweighted), bad), (pred, unweighted)
+        for _, weighting, kw in WEIGHT_CASES:
+            loss = np.asarray(L.diffusion_loss(net, x0, KEY, process=proc, prediction=pred, weighting=weighting,
+                                               **kw))
+            assert np.all(np.isfinite(loss[~bad])) and np.all(loss[~bad] >= 0), (pred, weighting, kw, loss)
+    if name in ("discrete_zero_snr", "rectified_flow"):  # the issue's cases: nothing excluded
+        for pred in ("epsilon", "sample", "v_prediction", "velocity"):
+            assert not _unweighted_target_is_infinite(pred, proc, t).any()
+
+
+def test_zero_terminal_snr_min_snr_eps_batch_is_finite():
+    """The reported case: zero-terminal-SNR DDPM, min-SNR on eps, the default (integer) time draw at
+    batch 128 -- key 1 draws t = 999 once, which made the whole batch's loss NaN."""
+    key = jax.random.key(1)
+    t = L.sample_times(jax.random.split(key)[0], 128, ZERO_SNR_DDPM)
+    assert int(jnp.sum(t == ZERO_SNR_DDPM.t_max)) == 1
+    x0 = jax.random.normal(jax.random.key(3), (128, 2, 4, 4))
+    net = lambda x, ti: 0.9 * x  # noqa: E731
+    for weighting in ("min_snr", "p2"):
+        loss = L.diffusion_loss(net, x0, key, process=ZERO_SNR_DDPM, prediction="epsilon", weighting=weighting)
+        assert bool(jnp.all(jnp.isfinite(loss))), weighting
+        w = L.loss_weight(weighting, "epsilon", t, ZERO_SNR_DDPM)
+        np.testing.assert_allclose(w[t == ZERO_SNR_DDPM.t_max], 1.0)  # min(SNR, gamma) / SNR -> 1, 1 / (k + SNR) -> 1
+    g = jax.grad(lambda c: jnp.mean(L.diffusion_loss(lambda x, ti: c * x, x0, key, process=ZERO_SNR_DDPM,
+                                                      prediction="epsilon", weighting="min_snr")))(0.9)
+    assert np.isfinite(float(g))
