@@ -64,7 +64,7 @@ def jaxdiff_train_step(batch: int, conv_impl: str = "auto", unet: dict | None = 
 
     config = jaxdiff_config(batch, conv_impl, unet)
     model = build_model(config)
-    tx = make_optimizer(config.optim)
+    tx = make_optimizer(config)
     state = jax.jit(make_init_fn(config, model, tx))(jax.random.PRNGKey(0))
     step_fn = compile_options.jit(make_train_step(config, model, tx), donate_argnums=(0,))
     rng = np.random.default_rng(0)

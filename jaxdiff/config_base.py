@@ -25,8 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""
     c.data.image_key = "image"
     c.data.label_key = "label"
-    c.data.toy = "gmm8"
-    c.data.num_points = 65536
+    c.data.holdout_fraction = 0.1   # digits: stratified fraction held out as the "test" split
+    c.data.split_seed = 0           # digits: seed of that train/test split
+    c.data.toy = "gmm8"             # toy2d: which 2-D distribution
+    c.data.num_points = 65536       # toy2d: size of the generated data set
+    c.data.seed = 0                 # toy2d: seed of the generated points (not config.seed)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
@@ -47,8 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 100
+    # The schedule runs on the optimizer's count of applied updates: a step skipped as non-finite
+    # (train.nonfinite="skip") does not advance it, so it then lags the step number.
     c.optim.schedule = "constant"       # constant | cosine
-    c.optim.decay_steps = 0
+    c.optim.decay_steps = 0             # cosine reaches lr * final_lr_fraction here; 0 = train.num_steps
     c.optim.final_lr_fraction = 0.0
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
@@ -69,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoint = False    # True: overlap writes with training; a kill -9 mid-write then loses > 1 interval
     c.train.tensorboard = True
     c.train.nonfinite = "skip"          # NaN/Inf loss or grads: "skip" the update (counted) | "error"
+                                        # (a skipped update does not advance the lr schedule)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "dpmpp_2m"
@@ -86,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    c.mesh.rules = ()                   # ((regex on the param path, PartitionSpec tuple), ...) overriding
+                                        # the default fsdp layout; first match wins (docs/scaling.md)
     return c
 
 
@@ -125,8 +133,9 @@ def unknown_key_message(config, dotted: str) -> str | None:
 def check_config(config) -> None:
     """Eager checks of the names and sizes a user types, with messages that say what to do.
 
-    Checks ``data.name``, ``sample.sampler``, ``train.nonfinite``, positive step counts, and that
-    the image size fits the network (UNet downsampling, DiT input size and patches).
+    Checks ``data.name``, ``sample.sampler``, ``train.nonfinite``, positive step counts, that a
+    decaying learning-rate schedule ends after its warmup, and that the image size fits the
+    network (UNet downsampling, DiT input size and patches).
     """
     from jaxdiff import samplers
     from jaxdiff.data import DATA_NAMES
@@ -149,6 +158,10 @@ def check_config(config) -> None:
             raise ValueError(f"config.train.{key} must be positive, got {tc[key]}")
     if int(tc.num_steps) < 0:
         raise ValueError(f"config.train.num_steps must be >= 0, got {tc.num_steps}")
+    if config.get("optim") is not None:
+        from jaxdiff.train.state import resolve_decay_steps
+
+        resolve_decay_steps(config)  # raises if a cosine decay would end within the warmup
     if d.get("dim"):
         return
     size, channels, name = int(d.image_size), int(d.channels), str(m.name).lower()

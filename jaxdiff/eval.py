@@ -269,7 +269,7 @@ def restore_for_sampling(workdir: str, which: str = ""):
             raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
         config = config_from_json(ckpt.restore_config(step))
         model = build_model(config)
-        abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.optim)), jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config)), jax.random.PRNGKey(0))
         fsdp = int(config.mesh.get("fsdp", 1))
         mesh = parallel.make_mesh(-1, fsdp if fsdp > 0 and jax.device_count() % fsdp == 0 else 1)
         shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))

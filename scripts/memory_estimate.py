@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--fsdp", type=int, nargs="+", default=[1, 8, 64])
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    abstract = jax.eval_shape(make_init_fn(cfg, build_model(cfg), make_optimizer(cfg.optim)), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(make_init_fn(cfg, build_model(cfg), make_optimizer(cfg)), jax.random.PRNGKey(0))
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
     print(f"{args.config}: {cfg.model.name}, {n_params:,} trainable parameters, "
           f"{len(abstract.ema)} EMA copies, optimizer {cfg.optim.get('name', 'adamw')}")

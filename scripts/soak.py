@@ -99,7 +99,7 @@ def _states_equal(a_dir, b_dir) -> tuple[bool, bool]:
     states = []
     for d in (a_dir, b_dir):
         cfg = load_config_json(os.path.join(d, "config.json"))
-        abstract = jax.eval_shape(make_init_fn(cfg, build_model(cfg), make_optimizer(cfg.optim)), jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(make_init_fn(cfg, build_model(cfg), make_optimizer(cfg)), jax.random.PRNGKey(0))
         ckpt = CheckpointManager(d, save_every=1)
         states.append(ckpt.restore(abstract))
         ckpt.close()

@@ -53,3 +53,57 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     assert proc.returncode != 0
     assert "learning_rate_typo" in proc.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _parse_cli(spec, *overrides):
+    """``--config=spec --config.a.b=v ...`` parsed as ``jaxdiff.cli`` does (lock_config=True)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["jaxdiff", f"--config={os.path.join(REPO, spec)}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_documented_keys_have_defaults_that_keep_runs_unchanged():
+    """make_source's data keys and docs/scaling.md's mesh.rules are in base_config(), with the
+    values their consumers fall back to when the key is absent."""
+    from jaxdiff.config_base import base_config
+    from jaxdiff.data import make_source
+    from jaxdiff.train.loop import _mesh_rules
+
+    c = base_config()
+    assert (c.data.holdout_fraction, c.data.split_seed, c.data.seed, c.mesh.rules) == (0.1, 0, 0, ())
+    assert _mesh_rules(c) == ()
+    bare = {"name": "digits"}  # the consumers' own defaults
+    for split in ("train", "test"):
+        a, b = make_source(c.data, split), make_source(bare, split)
+        assert (a.images == b.images).all() and (a.labels == b.labels).all()
+    c.data.name, c.data.num_points = "toy2d", 256
+    a, b = make_source(c.data), make_source({"name": "toy2d", "num_points": 256})
+    assert (a.images == b.images).all()
+
+
+def test_documented_keys_are_accepted_on_the_command_line_and_reach_their_consumer():
+    from jaxdiff.data import load_digits, make_source
+    from jaxdiff.train.loop import _mesh_rules
+
+    cfg = _parse_cli("configs/digits.py:tiny", "--config.data.holdout_fraction=0.2", "--config.data.split_seed=3",
+                     "--config.mesh.rules=(('Dense_0/kernel', (None, 'fsdp')),)")
+    assert cfg.data.holdout_fraction == 0.2 and cfg.data.split_seed == 3
+    test = make_source(cfg.data, "test")
+    want_x, want_y = load_digits("test", holdout_fraction=0.2, seed=3)
+    assert len(test) == len(want_y) == 360  # 20% of sklearn's 1,797 digits (10% by default: 180)
+    assert (test.images == want_x).all() and (test.labels == want_y).all()
+    default_split = load_digits("test", holdout_fraction=0.2, seed=0)[0]
+    assert not (test.images == default_split).all()  # split_seed reached the split
+    assert _mesh_rules(cfg) == (("Dense_0/kernel", (None, "fsdp")),)
+
+    toy = _parse_cli("configs/toy2d.py:tiny", "--config.data.seed=5")
+    from jaxdiff.data.toy2d import Toy2DSource
+
+    got = make_source(toy.data)
+    assert (got.images == Toy2DSource("gmm8", n=1024, seed=5).images).all()
+    assert not (got.images == Toy2DSource("gmm8", n=1024, seed=0).images).all()

@@ -73,7 +73,7 @@ def trained_params(config, workdir, progress):
         ckpt = CheckpointManager(workdir, save_every=1)
         step = ckpt.latest_step()
     model = build_model(config)
-    abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.optim)), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config)), jax.random.PRNGKey(0))
     state = ckpt.restore(abstract, step)
     ckpt.close()
     return model, sampling_params(state, config.sample.get("params")), int(step)

@@ -70,7 +70,9 @@ def _get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
 
 
 def make_source(data_cfg: Any, split: str = "train"):
-    """Builds a source from a data config (Mapping or ConfigDict) with key ``name``:
+    """Builds a source from a data config (Mapping or ConfigDict) with key ``name``. The keys
+    read below are ``config.data`` keys of :func:`jaxdiff.config_base.base_config`, with these
+    defaults, so each can be overridden on the command line (``--config.data.holdout_fraction=0.2``):
 
     * ``"digits"``: :class:`DigitsSource` (reads ``holdout_fraction`` = 0.1, ``split_seed`` = 0);
       ``split`` in {"train", "test", "all"}.

@@ -191,7 +191,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
         raise ValueError(f"data.batch_size={global_batch} is not divisible by the {mesh.size} devices")
 
     model = build_model(config)
-    tx = make_optimizer(config.optim)
+    tx = make_optimizer(config)
     init_fn = make_init_fn(config, model, tx)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     state_shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))

@@ -8,6 +8,14 @@ check. (``grad_norm`` squares the gradients: an entry above ~1.8e19 makes it Inf
 is skipped rather than clipped.) The step counter still advances, so the next step sees the next
 batch. ``config.train.nonfinite`` says what the loop does about it: ``"skip"`` (count it and go
 on) or ``"error"`` (stop, naming the step; see :mod:`jaxdiff.train.loop`).
+
+What a skipped step does and does not count: the learning-rate schedule (warmup, cosine decay)
+and AdamW's bias correction run on optax's own update count, which lives in the optimizer state
+and so is kept, not advanced, by a skipped step. The schedule therefore counts *applied updates*,
+not steps: after ``n`` skipped steps, step ``s`` trains with the learning rate the schedule gives
+update ``s - n``, and the cosine floor is reached ``n`` steps later than ``train.num_steps`` (or
+``optim.decay_steps``). The EMA ramp-up (EDM's half-life in images) and the per-step keys and
+batches use ``state.step``, which counts every step, skipped or not.
 """
 
 from __future__ import annotations
@@ -72,7 +80,15 @@ def apply_if_ok(ok, update, old, *, use_cond: bool | None = None):
 
 
 def make_train_step(config, model, tx):
-    """The (unjitted) train step for ``config``; the loop jits it with shardings and donation."""
+    """The (unjitted) train step for ``config``; the loop jits it with shardings and donation.
+
+    ``train_step(state, batch) -> (state, metrics)`` advances ``state.step`` by one. The update
+    uses the key ``fold_in(state.rng, state.step)``, the learning rate of ``tx``'s schedule at
+    its own update count (which a skipped non-finite step does not advance: the schedule counts
+    applied updates, not steps; see the module docstring), and EMA decays from
+    :func:`jaxdiff.train.state.ema_decay` at ``state.step`` (steps done before this one, EDM's
+    ``cur_nimg / batch`` before its increment).
+    """
     process = build_process(config)
     d = config.diffusion
     n_cls = num_classes(config)
@@ -109,7 +125,7 @@ def make_train_step(config, model, tx):
             params = optax.apply_updates(old_params, updates)
             ema = {
                 name: jax.tree.map(
-                    lambda e, p, _b=ema_decay(spec, step, batch_size): _b * e + (1.0 - _b) * p,
+                    lambda e, p, _b=ema_decay(spec, state.step, batch_size): _b * e + (1.0 - _b) * p,
                     old_ema[name], params,
                 )
                 for name, spec in specs.items()

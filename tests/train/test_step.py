@@ -80,11 +80,78 @@ def test_edm_half_life_ema_decay():
 
 def test_lr_schedule_warmup_then_cosine():
     cfg = load_config("digits")
-    sched = learning_rate_schedule(cfg.optim)
+    sched = learning_rate_schedule(cfg)
     assert float(sched(0)) == 0.0
     assert float(sched(cfg.optim.warmup_steps)) == pytest.approx(cfg.optim.lr, rel=1e-6)
-    end = float(sched(cfg.optim.decay_steps))
+    end = float(sched(cfg.train.num_steps))  # decay_steps = 0: the decay ends at train.num_steps
     assert end == pytest.approx(cfg.optim.lr * cfg.optim.final_lr_fraction, rel=1e-4)
+
+
+def _edm_betas(num_steps, batch_size, ema_halflife_kimg, ema_rampup_ratio):
+    """EDM's training_loop.py (Karras et al. 2022), EMA part, written out: the beta of each step,
+    computed with cur_nimg before that step's ``cur_nimg += batch_size``."""
+    betas, cur_nimg = [], 0
+    for _ in range(num_steps):
+        ema_halflife_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+        betas.append(0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8)))
+        cur_nimg += batch_size
+    return betas
+
+
+def test_edm_ema_betas_match_edm_training_loop():
+    """ema_decay at state.step = k (k steps done) is EDM's beta of its (k+1)-th step: 0 on the
+    first step with ramp-up, then 0.5 ** (1 / r), 0.5 ** (1 / (2 r)), ..."""
+    for batch, kimg, ratio in ((512, 500, 0.05), (16, 0.064, 0.5), (512, 500, None)):
+        spec = {"half_life_images": kimg * 1000, "rampup_ratio": ratio}
+        want = _edm_betas(6, batch, kimg, ratio)
+        got = [float(ema_decay(spec, jnp.asarray(k, jnp.int32), batch)) for k in range(6)]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert _edm_betas(2, 512, 500, 0.05) == [0.0, 0.5 ** 20]
+
+
+def test_train_step_edm_ema_uses_the_count_before_the_step():
+    """The train step's EDM EMA follows EDM's betas: after the first step the EMA copy equals the
+    params (beta = 0), then ema_k = beta_k * ema_{k-1} + (1 - beta_k) * params_k."""
+    cfg = load_config("digits", "tiny")
+    cfg.optim.warmup_steps = 0  # the params move on the first step
+    cfg.ema.decays = ()
+    cfg.ema.half_life_images, cfg.ema.rampup_ratio = 64.0, 0.5  # batch 16: betas 0, 1/4, 1/2, 0.63
+    model = build_model(cfg)
+    tx = make_optimizer(cfg)
+    init = jax.jit(make_init_fn(cfg, model, tx))
+    step = jax.jit(make_train_step(cfg, model, tx))
+    from jaxdiff.data import load_digits
+
+    x, y = load_digits("train")
+    b = int(cfg.data.batch_size)
+    batch = {"image": jnp.asarray(x[:b]), "label": jnp.asarray(y[:b])}
+    betas = _edm_betas(4, b, 0.064, 0.5)
+    assert betas[:2] == [0.0, 0.25]
+    s = init(jax.random.PRNGKey(0))
+    ema = [np.asarray(e, np.float64) for e in jax.tree.leaves(s.ema["ema_hl"])]
+    for beta in betas:
+        s, _ = step(s, batch)
+        params = [np.asarray(p, np.float64) for p in jax.tree.leaves(s.params)]
+        ema = [beta * e + (1 - beta) * p for e, p in zip(ema, params)]
+        for want, got in zip(ema, jax.tree.leaves(s.ema["ema_hl"])):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert int(s.step) == 4
+
+
+def test_skipped_step_does_not_advance_the_lr_schedule(setup):
+    """Documented: the schedule (and AdamW's bias correction) counts applied updates, not steps."""
+    _, init, step, batch = setup
+    s, _ = step(init(jax.random.PRNGKey(0)), batch)
+    bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    s2, m = step(s, bad)
+    assert int(m["nonfinite"]) == 1 and int(s2.step) == 2
+    import optax
+
+    counts = lambda st: [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(st.opt_state, "count")]  # noqa: E731
+    assert len(counts(s)) == 2  # AdamW's count and the schedule's
+    assert counts(s) == counts(s2) and set(counts(s2)) == {1}  # one applied update after two steps
 
 
 def test_ema_specs_and_sampling_params(setup):
