@@ -249,7 +249,8 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
               beta_a: float = 0.6, beta_b: float = 0.6) -> Grid:
     """The usual grid for a process: ``num_steps`` model evaluations ending at clean data.
 
-    Defaults: discrete VP -> diffusers ``linspace`` timesteps; EDM (and VE, any process with a
+    Defaults: discrete VP -> diffusers ``linspace`` timesteps (``trailing`` for one step, which
+    ``linspace`` would start at t = 0); EDM (and VE, any process with a
     ``sigma_min`` / ``sigma_max`` range) -> Karras rho = 7; others -> uniform in t ending at
     ``t_min``. ``karras`` and ``logsnr`` space the noise level sigma / alpha between
     ``sigma_max`` and ``sigma_min`` (default: its values at ``t_max`` and ``t_min``, which must
@@ -267,7 +268,10 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
     ``reverse_sde_pc``), which raise a ValueError saying so.
     """
     if kind is None:
-        kind = "linspace" if process.discrete else ("karras" if _has_sigma_range(process) else "uniform")
+        # discrete: diffusers' default linspace; but for one step linspace is [0], a start at the
+        # least noisy training step (sigma ~ 0.01 for DDPM's betas), so one step starts at t_max
+        kind = (("trailing" if int(num_steps) == 1 else "linspace") if process.discrete
+                else ("karras" if _has_sigma_range(process) else "uniform"))
     if kind in TIMESTEP_SPACINGS:
         if not process.discrete:
             raise ValueError(f"grid kind {kind!r} needs a discrete process, got {type(process).__name__}")

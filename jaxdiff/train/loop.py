@@ -199,7 +199,8 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
 
     mode = nonfinite_mode(config)
     ckpt = CheckpointManager(workdir, save_every=int(tc.ckpt_every), keep=int(tc.get("keep", 3)),
-                             async_save=bool(tc.get("async_checkpoint", False)), cleanup=True)
+                             async_save=bool(tc.get("async_checkpoint", False)),
+                             cleanup=jax.process_index() == 0)  # only the writer deletes
     latest = ckpt.latest_step()
     for path in ckpt.incomplete:
         _log(f"skipped incomplete checkpoint {path} (its write was interrupted); "

@@ -49,3 +49,26 @@ def test_times_that_already_end_clean_need_final_last():
         assert np.all(np.isfinite(np.asarray(samplers.get(name)(gaussian_denoiser(proc), x, grid)))), name
     with pytest.raises(ValueError, match="already clean"):
         S.grid_from_sigmas(P.EDM(), [80.0, 1.0, 0.0])
+
+
+def test_default_one_step_discrete_grid_starts_at_t_max():
+    """diffusers' linspace spacing puts a single step at t = 0 (sigma ~ 0.01 for DDPM's betas);
+    the default grid of one step starts at t_max instead. An explicit kind keeps diffusers' rule."""
+    proc = P.discrete_vp()
+    one = S.make_grid(proc, 1)
+    assert float(one.t[0]) == 999.0 and float(one.sigma[-1]) == 0.0
+    assert float(S.make_grid(proc, 1, "linspace").t[0]) == 0.0
+    np.testing.assert_array_equal(np.asarray(S.make_grid(proc, 5).t),
+                                  np.asarray(S.make_grid(proc, 5, "linspace").t))
+
+
+def test_float64_grid_is_refused_with_a_clear_message():
+    proc = P.EDM()
+    g = S.make_grid(proc, 4)
+    with jax.enable_x64(True):
+        g64 = S.Grid(t=g.t.astype(jnp.float64), alpha=g.alpha.astype(jnp.float64),
+                     sigma=g.sigma.astype(jnp.float64), process=proc)
+        x = jnp.ones((1, 2), jnp.float32)
+        for name in ("dpmpp_2m", "euler", "unipc"):
+            with pytest.raises(TypeError, match="grid.t is float64; the samplers run in float32"):
+                samplers.get(name)(gaussian_denoiser(proc), x, g64)
