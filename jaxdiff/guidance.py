@@ -211,6 +211,14 @@ def classifier_free_guidance(
     return denoise
 
 
+def _score_to_x0(process: Process, t, x):
+    """``sigma^2 / alpha``: how a score term moves x0 (score = (alpha x0 - x) / sigma^2), broadcast
+    to ``x``; 0 where alpha = 0 (t_max of RectifiedFlow and zero-terminal-SNR DiscreteVP), where
+    x_t holds no information about x0 and the term has no finite value: no guidance there."""
+    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    return jnp.where(a == 0, 0.0, s**2 / jnp.where(a == 0, 1.0, a))
+
+
 def classifier_guidance(denoise: Callable, log_prob: Callable, process: Process, scale) -> Callable:
     """Classifier guidance: add ``scale * grad_x log p(y | x_t)`` to the score.
 
@@ -219,15 +227,15 @@ def classifier_guidance(denoise: Callable, log_prob: Callable, process: Process,
     jaxdiff trains one with :func:`jaxdiff.train.classifier.train_noisy_classifier`). Since
     score = (alpha x0 - x) / sigma^2, this is ``x0 + scale * sigma^2 / alpha * grad``
     (Dhariwal & Nichol 2021, Sec. 4.1; ``scale`` is their ``s``; 1 samples p(x | y) exactly when
-    the denoiser and classifier are exact).
+    the denoiser and classifier are exact). Where alpha = 0 the term has no finite value and is
+    left out (the unguided x0; RectifiedFlow and zero-terminal-SNR grids start there).
     """
 
     def guided(x, t):
         t = jnp.asarray(t, jnp.float32)
         x0 = denoise(x, t)
         grad = jax.grad(lambda z: jnp.sum(log_prob(z, t)))(x)
-        a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
-        return (x0 + jnp.asarray(scale, jnp.float32) * s**2 / a * grad).astype(x0.dtype)
+        return (x0 + jnp.asarray(scale, jnp.float32) * _score_to_x0(process, t, x) * grad).astype(x0.dtype)
 
     return guided
 
@@ -321,8 +329,7 @@ def training_free_guidance(
             x0_m = jax.lax.fori_loop(0, mean_iters, body, out)
             out = x0_m
         if use_var:
-            a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
-            out = out + jnp.asarray(variance_strength, jnp.float32) * s**2 / a * g_t
+            out = out + jnp.asarray(variance_strength, jnp.float32) * _score_to_x0(process, t, x) * g_t
         if max_update_norm is not None:
             base = x0.astype(jnp.float32)
             delta = out - base

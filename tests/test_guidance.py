@@ -396,3 +396,20 @@ def test_training_free_guidance_max_update_norm_bounds_the_change():
     assert float(n_free.max()) > 0.1 and float(n_clip.max()) <= 0.1 + 1e-5
     small = n_free <= 0.1  # updates already within the bound are untouched
     np.testing.assert_allclose(n_clip[small], n_free[small], rtol=1e-5)
+
+
+def test_classifier_and_training_free_guidance_are_finite_at_zero_alpha():
+    """sigma^2 / alpha has no finite value where alpha = 0 (rectified flow at t = 1): there the
+    guided x0 is the unguided one; just inside, the term is applied."""
+    proc = P.RectifiedFlow()
+    x = jax.random.normal(jax.random.key(3), (8, 2))
+    den = lambda z, t: 0.5 * z  # noqa: E731
+    log_prob = lambda z, t: -jnp.sum((z - 1.0) ** 2, axis=-1)  # noqa: E731
+    cg = guidance.classifier_guidance(den, log_prob, proc, 2.0)
+    np.testing.assert_array_equal(np.asarray(cg(x, 1.0)), np.asarray(den(x, 1.0)))
+    inside = np.asarray(cg(x, 0.9))
+    a, s = 0.1, 0.9
+    np.testing.assert_allclose(inside, np.asarray(den(x, 0.9) + 2.0 * s**2 / a * -2.0 * (x - 1.0)), rtol=1e-5)
+    tfg = guidance.training_free_guidance(den, lambda x0: -jnp.sum((x0 - 1.0) ** 2, axis=-1), proc,
+                                          variance_strength=1.0)
+    assert np.all(np.isfinite(np.asarray(tfg(x, 1.0))))
