@@ -21,8 +21,8 @@ and training-free guidance enter here.
   Distribution Quality in Diffusion Models", Sec. 3) and CFG rescale (Lin et al. 2024, "Common
   Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4, Alg. 2).
 * :func:`classifier_guidance` -- Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
-  Synthesis", Sec. 4 (Alg. 1 / Eq. 14 in score form) with a noise-aware classifier
-  ``log p(y | x_t, t)``.
+  Synthesis", Sec. 4 (the score form of their Alg. 2 / Eq. 14; their Alg. 1 applies the same
+  gradient as a shift of the DDPM mean) with a noise-aware classifier ``log p(y | x_t, t)``.
 * :func:`training_free_guidance` -- Ye et al. 2024, "TFG: Unified Training-Free Guidance for
   Diffusion Models", Alg. 1: mean guidance (gradient steps on the x0 estimate), variance guidance
   (gradient with respect to x_t through the denoiser) and the Gaussian-smoothed predictor, with an
@@ -226,8 +226,8 @@ def classifier_guidance(denoise: Callable, log_prob: Callable, process: Process,
     class of each example of ``x`` at time ``t`` (e.g. ``log_softmax(logits)[arange(B), y]``;
     jaxdiff trains one with :func:`jaxdiff.train.classifier.train_noisy_classifier`). Since
     score = (alpha x0 - x) / sigma^2, this is ``x0 + scale * sigma^2 / alpha * grad``
-    (Dhariwal & Nichol 2021, Sec. 4.1; ``scale`` is their ``s``; 1 samples p(x | y) exactly when
-    the denoiser and classifier are exact). Where alpha = 0 the term has no finite value and is
+    (Dhariwal & Nichol 2021, Sec. 4, the score form of their Alg. 2; ``scale`` is their ``s``;
+    1 samples p(x | y) exactly when the denoiser and classifier are exact). Where alpha = 0 the term has no finite value and is
     left out (the unguided x0; RectifiedFlow and zero-terminal-SNR grids start there).
     """
 
