@@ -227,8 +227,9 @@ def classifier_guidance(denoise: Callable, log_prob: Callable, process: Process,
     jaxdiff trains one with :func:`jaxdiff.train.classifier.train_noisy_classifier`). Since
     score = (alpha x0 - x) / sigma^2, this is ``x0 + scale * sigma^2 / alpha * grad``
     (Dhariwal & Nichol 2021, Sec. 4, the score form of their Alg. 2; ``scale`` is their ``s``;
-    1 samples p(x | y) exactly when the denoiser and classifier are exact). Where alpha = 0 the term has no finite value and is
-    left out (the unguided x0; RectifiedFlow and zero-terminal-SNR grids start there).
+    1 samples p(x | y) exactly when the denoiser and classifier are exact). Where alpha = 0 the
+    term has no finite value and is left out (the unguided x0; RectifiedFlow and
+    zero-terminal-SNR grids start there).
     """
 
     def guided(x, t):
