@@ -6,8 +6,9 @@
     jaxdiff eval   --workdir runs/cifar10 --num-samples 50000 --sampler dpmpp_2m --steps 25 --ref cifar10_train.npz
     jaxdiff eval   --workdir runs/digits --num-samples 1000 --features digits
 
-``train`` on a workdir that already has a checkpoint resumes it. ``sample`` rebuilds the model
-from ``workdir/config.json`` and samples with the EMA parameters of the latest checkpoint.
+``train`` on a workdir that already has a checkpoint resumes it. ``sample`` and ``eval`` rebuild
+the model from the config saved with the latest checkpoint and sample with its EMA parameters,
+on this process's devices (whatever number of devices trained it).
 """
 
 from __future__ import annotations

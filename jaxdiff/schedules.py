@@ -192,7 +192,11 @@ def beta_times(process: Process, num_steps: int, a: float = 0.6, b: float = 0.6,
 
 
 def _append_zero(t, alpha, sigma, who: str):
-    if float(sigma[-1]) == 0.0:
+    try:
+        last = float(sigma[-1])
+    except jax.errors.ConcretizationTypeError:  # a grid built under jit: its values are unknown
+        last = None
+    if last == 0.0:
         raise ValueError(
             f"{who}: the last point is already clean (sigma = 0 at t = {float(t[-1]):g}); "
             "final='zero' would append a second one and the samplers would evaluate the model at "

@@ -56,7 +56,9 @@ def validate(name: str, x, grid: Grid, key, stochastic: bool, min_steps: int = 1
                              f"got {getattr(a, 'shape', type(a).__name__)}; build grids with schedules.make_grid")
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name}: grid.{field} must be floating, got dtype {a.dtype}")
-        if a.dtype == jnp.float64:  # the samplers' scan carries are float32: say so, not a scan error
+        # float64 that stays float64 (jax_enable_x64 on; numpy float64 is cast to float32 otherwise):
+        # the samplers' scan carries are float32, so say so instead of failing inside lax.scan
+        if jax.dtypes.canonicalize_dtype(a.dtype) == jnp.float64:
             raise TypeError(f"{name}: grid.{field} is float64; the samplers run in float32 (as "
                             "schedules.make_grid builds grids): cast the grid's fields with .astype(jnp.float32)")
     if grid.t.shape[0] < min_steps + 1:

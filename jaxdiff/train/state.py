@@ -51,8 +51,12 @@ def resolve_decay_steps(config, num_steps=None):
     with ``num_steps`` given separately. Returns None for ``schedule="constant"``, and for a
     decay over ``train.num_steps`` when no step count is known (an ``optim`` section alone).
 
-    Raises ValueError if ``decay_steps`` is negative or the decay does not end after the warmup
-    (``decay_steps <= warmup_steps``): the schedule would drop to its floor right after warmup.
+    Raises ValueError if ``decay_steps`` is negative or an explicit ``decay_steps`` does not end
+    after the warmup (``decay_steps <= warmup_steps``): the schedule would drop to its floor right
+    after warmup. With ``decay_steps=0`` and ``train.num_steps <= warmup_steps`` the run ends
+    inside the warmup and never reaches the decay; that is allowed (``warmup_steps + 1`` is
+    returned). Since ``decay_steps=0`` follows ``train.num_steps``, resuming a run with a larger
+    ``train.num_steps`` re-times the cosine over the new length.
     """
     optim, num_steps = _optim_and_num_steps(config, num_steps)
     kind = optim.get("schedule", "constant")
@@ -68,6 +72,10 @@ def resolve_decay_steps(config, num_steps=None):
     if explicit:
         total, what = explicit, f"config.optim.decay_steps={explicit}"
     elif num_steps is not None:
+        if int(num_steps) <= warmup:
+            # a run that ends within its warmup (a quick --config.train.num_steps=100 try of a
+            # config with 200 warmup steps) never reaches the decay: nothing to reject
+            return warmup + 1
         total, what = int(num_steps), f"config.train.num_steps={int(num_steps)} (config.optim.decay_steps=0 follows it)"
     else:
         return None

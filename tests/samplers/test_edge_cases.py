@@ -72,3 +72,17 @@ def test_float64_grid_is_refused_with_a_clear_message():
         for name in ("dpmpp_2m", "euler", "unipc"):
             with pytest.raises(TypeError, match="grid.t is float64; the samplers run in float32"):
                 samplers.get(name)(gaussian_denoiser(proc), x, g64)
+
+
+def test_numpy_float64_grid_without_x64_and_grids_built_under_jit():
+    """A hand-built grid of numpy float64 arrays is cast to float32 by jax when x64 is off, as
+    before; grid building still works when traced (its clean-end check is skipped there)."""
+    proc = P.EDM()
+    g = S.make_grid(proc, 4)
+    g64 = S.Grid(t=np.asarray(g.t, np.float64), alpha=np.asarray(g.alpha, np.float64),
+                 sigma=np.asarray(g.sigma, np.float64), process=proc)
+    x = jnp.ones((1, 2), jnp.float32) * 80.0
+    np.testing.assert_allclose(np.asarray(samplers.get("euler")(gaussian_denoiser(proc), x, g64)),
+                               np.asarray(samplers.get("euler")(gaussian_denoiser(proc), x, g)), rtol=1e-6)
+    traced = jax.jit(lambda s: S.make_grid(P.discrete_vp(), 4).sigma.sum() + s)(1.0)
+    assert float(traced) == pytest.approx(float(S.make_grid(P.discrete_vp(), 4).sigma.sum()) + 1.0)
