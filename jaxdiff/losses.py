@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.parameterization import PREDICTIONS, edm_precond, net_inputs
+from jaxdiff.parameterization import PREDICTIONS, edm_vp_coefficients, net_inputs
 from jaxdiff.processes import Process
 
 __all__ = ["WEIGHTINGS", "T_DENSITIES", "sample_times", "exact_target", "x0_error_scale",
@@ -189,10 +189,9 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
     x_t = process.marginal(x0, t, eps)
     x_in, t_in = net_inputs(prediction, x_t, t, process, sigma_data)
     out = net(x_in, t_in).astype(jnp.float32)
-    if prediction == "edm":
-        a = process.alpha(t)
-        c_skip, c_out, _, _ = edm_precond(process.sigma(t) / a, sigma_data)
-        out = _bcast(c_skip / a, x_t) * x_t + _bcast(c_out, x_t) * out
+    if prediction == "edm":  # D = c_skip x + c_out F (Karras et al. 2022, Eq. 7), VP frame
+        c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(t), process.sigma(t), sigma_data)
+        out = _bcast(c_skip_a, x_t) * x_t + _bcast(c_out, x_t) * out
     target = exact_target(prediction, x0, eps, t, process)
     mse = jnp.mean((out - target) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(weighting, prediction, t, process, min_snr_gamma=min_snr_gamma,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from jaxdiff.processes import Process
@@ -31,6 +32,7 @@ __all__ = [
     "from_x0",
     "convert",
     "edm_precond",
+    "edm_vp_coefficients",
     "net_inputs",
     "make_denoiser",
     "Denoiser",
@@ -55,7 +57,10 @@ def _check(prediction):
 
 
 def to_x0(prediction: str, out, x, t, process: Process):
-    """x0 implied by a network output ``out`` of type ``prediction`` at (x, t)."""
+    """x0 implied by a network output ``out`` of type ``prediction`` at (x, t).
+
+    For ``"edm"`` ``out`` is the preconditioned denoiser's output D (already x0), not the raw
+    network output F; :func:`make_denoiser` turns F into D (Karras et al. 2022, Eq. 7)."""
     _check(prediction)
     a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
     if prediction == "sample" or prediction == "edm":
@@ -107,8 +112,24 @@ def edm_precond(sigma, sigma_data: float = 0.5):
     c_skip = sd2 / (sigma**2 + sd2)
     c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sd2)
     c_in = 1.0 / jnp.sqrt(sigma**2 + sd2)
-    c_noise = 0.25 * jnp.log(sigma)
+    c_noise = 0.25 * jnp.log(jnp.clip(sigma, 1e-30, 1e30))  # finite at sigma = 0 and inf
     return c_skip, c_out, c_in, c_noise
+
+
+def edm_vp_coefficients(a, s, sigma_data: float):
+    """EDM's coefficients for a VP-frame state x = alpha x0 + sigma eps, in forms that stay finite
+    at sigma = 0 and at alpha = 0: ``(c_skip / alpha, c_out, c_in / alpha, c_noise)`` with
+    VE-frame noise level sigma / alpha, i.e. ``sd^2 alpha / (sigma^2 + sd^2 alpha^2)``,
+    ``sigma sd / sqrt(sigma^2 + sd^2 alpha^2)``, ``1 / sqrt(sigma^2 + sd^2 alpha^2)`` and
+    ``log(sigma / alpha) / 4`` (clipped). At sigma = 0 D = x / alpha exactly (c_out = 0)."""
+    sd2 = sigma_data**2
+    den = s**2 + sd2 * a**2
+    c_skip_a = sd2 * a / den
+    c_out = s * sigma_data * jax.lax.rsqrt(den)
+    c_in_a = jax.lax.rsqrt(den)
+    ratio = jnp.where(a == 0, jnp.inf, s / jnp.where(a == 0, 1.0, a))
+    c_noise = 0.25 * jnp.log(jnp.clip(ratio, 1e-30, 1e30))
+    return c_skip_a, c_out, c_in_a, c_noise
 
 
 def net_inputs(prediction: str, x, t, process: Process, sigma_data: float = 0.5):
@@ -116,10 +137,8 @@ def net_inputs(prediction: str, x, t, process: Process, sigma_data: float = 0.5)
     batch = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     if prediction == "edm":
-        a = process.alpha(t)
-        s = process.sigma(t) / a
-        _, _, c_in, c_noise = edm_precond(s, sigma_data)
-        return _bcast(c_in / a, x) * x, c_noise
+        _, _, c_in_a, c_noise = edm_vp_coefficients(process.alpha(t), process.sigma(t), sigma_data)
+        return _bcast(c_in_a, x) * x, c_noise
     return x, process.net_time(t)
 
 
@@ -136,9 +155,8 @@ def make_denoiser(net: Callable, process: Process, prediction: str, sigma_data: 
         out = net(x_in, t_in).astype(x.dtype)
         if prediction == "edm":
             tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-            a = process.alpha(tb)
-            c_skip, c_out, _, _ = edm_precond(process.sigma(tb) / a, sigma_data)
-            return _bcast(c_skip / a, x) * x + _bcast(c_out, x) * out
+            c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(tb), process.sigma(tb), sigma_data)
+            return _bcast(c_skip_a, x) * x + _bcast(c_out, x) * out
         return to_x0(prediction, out, x, t, process)
 
     return denoise

@@ -407,11 +407,11 @@ def test_loss_weight_matches_old_formula_inside(name):
 def _unweighted_target_is_infinite(pred, proc, t):
     """Points where the unweighted loss is already non-finite whatever the weighting -- the target or
     the network input is infinite there (parameterization, not weighting): score = -eps / sigma at
-    sigma = 0; velocity where sigma'(t) = inf (VP at t = 0: sigma ~ sqrt(t)); EDM preconditioning at
-    alpha = 0 (sigma / alpha = inf)."""
+    sigma = 0; velocity where sigma'(t) = inf (VP at t = 0: sigma ~ sqrt(t)). (EDM's preconditioning
+    is finite at alpha = 0 and sigma = 0: parameterization.edm_vp_coefficients.)"""
     a, s, _ = _geometry(proc, t)
     ds = np.asarray(proc.derivatives(jnp.asarray(t, jnp.float32))[1], np.float64)
-    return {"score": s == 0, "velocity": np.isinf(ds), "edm": a == 0}.get(pred, np.zeros(a.shape, bool))
+    return {"score": s == 0, "velocity": np.isinf(ds)}.get(pred, np.zeros(a.shape, bool))
 
 
 @pytest.mark.parametrize("name", list(ENDPOINTS))
@@ -432,7 +432,7 @@ def test_diffusion_loss_finite_when_times_include_endpoints(name, monkeypatch):
                                                **kw))
             assert np.all(np.isfinite(loss[~bad])) and np.all(loss[~bad] >= 0), (pred, weighting, kw, loss)
     if name in ("discrete_zero_snr", "rectified_flow"):  # the issue's cases: nothing excluded
-        for pred in ("epsilon", "sample", "v_prediction", "velocity"):
+        for pred in ("epsilon", "sample", "v_prediction", "velocity", "edm"):
             assert not _unweighted_target_is_infinite(pred, proc, t).any()
 
 

@@ -192,3 +192,37 @@ def test_make_denoiser_is_jittable_and_differentiable():
 
     g = jax.jit(jax.grad(loss))(w)
     assert np.isfinite(float(g)) and float(g) != 0.0
+
+
+def _old_edm_denoiser(net, proc, x, t, sigma_data=0.5):
+    """make_denoiser's EDM branch as first written (NaN at sigma = 0 and alpha = 0)."""
+    a = proc.alpha(jnp.full((x.shape[0],), t))
+    s = proc.sigma(jnp.full((x.shape[0],), t)) / a
+    c_skip, c_out, c_in, c_noise = PZ.edm_precond(s, sigma_data)
+    out = net((c_in / a)[:, None] * x, c_noise)
+    return (c_skip / a)[:, None] * x + c_out[:, None] * out
+
+
+@pytest.mark.parametrize("proc", [P.EDM(), P.VPCosine(), P.VPLinear(), P.RectifiedFlow()],
+                         ids=lambda p: type(p).__name__)
+def test_edm_preconditioning_is_finite_at_both_ends(proc):
+    """Karras et al.'s preconditioning in the VP frame, rewritten so that sigma = 0 (D = x / alpha:
+    c_out = 0) and alpha = 0 (rectified flow at t = 1) give finite values; equal inside."""
+    net = lambda x_in, c_noise: jnp.tanh(x_in) + 0.1 * jnp.sin(c_noise)[:, None]  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    d = PZ.make_denoiser(net, proc, "edm")
+    for t in (float(proc.t_min), float(proc.t_max), 0.0):
+        out = np.asarray(d(x, t))
+        assert np.all(np.isfinite(out)), (t, out)
+        a, s = float(proc.alpha(t)), float(proc.sigma(t))
+        if s == 0.0:
+            np.testing.assert_allclose(out, np.asarray(x) / a, rtol=1e-6)
+        if a == 0.0:  # D = sigma_data F(x / sigma, .)
+            np.testing.assert_allclose(out, 0.5 * np.asarray(net(x / s, jnp.full((4,), 0.25 * np.log(1e30)))),
+                                       rtol=1e-5)
+    lo, hi = float(proc.t_min), float(proc.t_max)
+    for t in np.linspace(lo, hi, 9)[1:-1]:
+        np.testing.assert_allclose(np.asarray(d(x, float(t))), np.asarray(_old_edm_denoiser(net, proc, x, float(t))),
+                                   rtol=2e-5, atol=1e-6)
+    x_in, t_in = PZ.net_inputs("edm", x, 0.5 * (lo + hi), proc)
+    assert np.all(np.isfinite(np.asarray(x_in))) and np.all(np.isfinite(np.asarray(t_in)))

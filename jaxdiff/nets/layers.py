@@ -185,6 +185,12 @@ def resolve_labels(y: jax.Array | None, num_classes: int, batch: int) -> jax.Arr
         raise ValueError(f"labels y must have shape ({batch},), got {y.shape}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
+    if not isinstance(y, jax.core.Tracer) and y.size:  # concrete labels: checked (an embedding
+        yv = np.asarray(y)  # lookup out of range gives NaN, -1 the last row); numpy, not jnp: under
+        lo, hi = int(yv.min()), int(yv.max())  # a trace jnp ops on constants give tracers
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"labels y must be in [0, {num_classes}] (class {num_classes} is the null "
+                             f"class), got values in [{lo}, {hi}]")
     return y.astype(jnp.int32)
 
 
@@ -290,8 +296,14 @@ class GroupNorm(nn.Module):
             if self.use_scale else None
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) \
             if self.use_bias else None
-        x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
-        return group_norm(x, self.num_groups, scale, bias, self.epsilon)
+        out_dtype = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)[0].dtype
+        # statistics of the input as given, in float32 at least (as flax.linen.GroupNorm): in
+        # bf16, E[x^2] - E[x]^2 loses the variance of an offset activation; the result is cast to
+        # the compute dtype
+        f32 = jnp.promote_types(x.dtype, jnp.float32)
+        out = group_norm(x.astype(f32), self.num_groups, None if scale is None else scale.astype(f32),
+                         None if bias is None else bias.astype(f32), self.epsilon)
+        return out.astype(out_dtype)
 
 
 class Norm32(nn.Module):

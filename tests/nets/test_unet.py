@@ -287,3 +287,16 @@ def test_initialisers_statistics():
     assert abs(float(jnp.std(w)) - limit / math.sqrt(3)) < 0.02 * limit
     e = normal_init(0.02)(KEY, (1001, 64))
     assert e.shape == (1001, 64) and abs(float(jnp.std(e)) - 0.02) < 0.001
+
+
+def test_out_of_range_labels_are_rejected_when_concrete():
+    """An embedding lookup past the table gives NaN and -1 the null row: concrete labels are
+    checked (under jit they are tracers, and the check is left out)."""
+    from jaxdiff.nets.layers import resolve_labels
+
+    assert resolve_labels(jnp.array([0, 10]), 10, 2).tolist() == [0, 10]  # 10 = the null class
+    for bad in ([-1, 3], [0, 11], [100, 2]):
+        with pytest.raises(ValueError, match=r"labels y must be in \[0, 10\]"):
+            resolve_labels(jnp.array(bad), 10, 2)
+    traced = jax.jit(lambda y: resolve_labels(y, 10, 2))(jnp.array([0, 11]))  # not checked there
+    assert traced.shape == (2,)
