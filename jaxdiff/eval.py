@@ -257,7 +257,7 @@ def restore_for_sampling(workdir: str, which: str = ""):
     """
     from jaxdiff.checkpoint import CheckpointManager, config_from_json
     from jaxdiff.modeling import build_model
-    from jaxdiff.train.loop import _mesh_rules, make_init_fn, sampling_params
+    from jaxdiff.train.loop import abstract_train_state, sampling_params
     from jaxdiff.train.state import make_optimizer
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -269,11 +269,9 @@ def restore_for_sampling(workdir: str, which: str = ""):
             raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
         config = config_from_json(ckpt.restore_config(step))
         model = build_model(config)
-        abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config)), jax.random.PRNGKey(0))
         fsdp = int(config.mesh.get("fsdp", 1))
         mesh = parallel.make_mesh(-1, fsdp if fsdp > 0 and jax.device_count() % fsdp == 0 else 1)
-        shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract, _ = abstract_train_state(config, model, make_optimizer(config), mesh)
         state = ckpt.restore(abstract, step)
     finally:
         ckpt.close()

@@ -99,6 +99,16 @@ def _mesh_rules(config):
     return tuple((str(r[0]), tuple(r[1])) for r in (config.mesh.get("rules", ()) or ()))
 
 
+def abstract_train_state(config, model, tx, mesh):
+    """``(abstract, shardings)``: the train state's shapes and dtypes as ``ShapeDtypeStruct`` s laid
+    out on ``mesh`` (``config.mesh.rules`` applied), and those shardings; nothing is allocated.
+    What the trainer initialises into and what a checkpoint is restored into."""
+    abstract = jax.eval_shape(make_init_fn(config, model, tx), jax.random.PRNGKey(0))
+    shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
 class _StopFlag:
     """Signal handler that only records the signal; the loop acts on it between steps."""
 
@@ -193,9 +203,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     model = build_model(config)
     tx = make_optimizer(config)
     init_fn = make_init_fn(config, model, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_shardings = parallel.state_shardings(abstract, mesh, rules=_mesh_rules(config))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    abstract, state_shardings = abstract_train_state(config, model, tx, mesh)
 
     mode = nonfinite_mode(config)
     ckpt = CheckpointManager(workdir, save_every=int(tc.ckpt_every), keep=int(tc.get("keep", 3)),
