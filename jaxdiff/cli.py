@@ -5,10 +5,13 @@
     jaxdiff stats  --config configs/cifar10_ddpm.py --out cifar10_train.npz [--save_features]
     jaxdiff eval   --workdir runs/cifar10 --num-samples 50000 --sampler dpmpp_2m --steps 25 --ref cifar10_train.npz
     jaxdiff eval   --workdir runs/digits --num-samples 1000 --features digits
+    jaxdiff import --diffusers ddpm-cifar10-32 --workdir runs/ddpm_cifar10 [--config configs/cifar10_ddpm.py]
 
 ``train`` on a workdir that already has a checkpoint resumes it. ``sample`` and ``eval`` rebuild
 the model from the config saved with the latest checkpoint and sample with its EMA parameters,
-on this process's devices (whatever number of devices trained it).
+on this process's devices (whatever number of devices trained it). ``import`` turns a local copy
+of a diffusers DDPM pipeline (``UNet2DModel`` + scheduler config) into such a workdir
+(:mod:`jaxdiff.import_diffusers`).
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ flags.DEFINE_enum("features", "inception", ["inception", "digits"], "eval/stats:
 flags.DEFINE_string("inception_weights", None, "Converted Inception weights .npz (default: $JAXDIFF_INCEPTION_WEIGHTS).")
 flags.DEFINE_string("split", "train", "stats: dataset split of --config's data.")
 flags.DEFINE_bool("save_features", False, "stats: also store all features (enables KID and precision/recall in eval).")
+flags.DEFINE_string("diffusers", None, "import: a local diffusers pipeline folder (unet/ + scheduler/, or the flat "
+                    "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json layout).")
 
-COMMANDS = ("train", "sample", "eval", "stats")
+COMMANDS = ("train", "sample", "eval", "stats", "import")
 
 
 def _train() -> None:
@@ -128,6 +133,18 @@ def _stats() -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _import() -> None:
+    from jaxdiff.import_diffusers import import_pipeline
+
+    if FLAGS.diffusers is None or FLAGS.workdir is None:
+        raise app.UsageError("jaxdiff import needs --diffusers PIPELINE_DIR and --workdir (a new one)")
+    try:
+        summary = import_pipeline(FLAGS.diffusers, FLAGS.workdir, FLAGS.config)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
+    print(json.dumps(summary, indent=2))
+
+
 flags.DEFINE_bool("multihost", False, "Multi-process run: call jax.distributed.initialize() (auto-detects TPU pods, "
                   "SLURM, Open MPI); implied by --coordinator_address or JAX_COORDINATOR_ADDRESS.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process runs).")
@@ -142,7 +159,7 @@ def _main(argv) -> None:
     from jaxdiff.parallel import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.multihost)
-    {"train": _train, "sample": _sample, "eval": _eval, "stats": _stats}[argv[1]]()
+    {"train": _train, "sample": _sample, "eval": _eval, "stats": _stats, "import": _import}[argv[1]]()
 
 
 def _config_spec(argv) -> str | None:

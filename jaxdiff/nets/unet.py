@@ -44,13 +44,18 @@ from .layers import (
 Dtype = Any
 
 
+# Padding of the stride-2 downsampling conv: TF's SAME pads (0, 1) (the DDPM reference; diffusers'
+# downsample_padding=0); "symmetric" pads (1, 1) (diffusers' default downsample_padding=1).
+_DOWNSAMPLE_PADDING = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}
+
+
 def _conv(features, name, *, kernel=3, stride=1, zero_init=False, conv_impl="auto", dtype,
-          param_dtype):
+          param_dtype, padding="SAME"):
     return Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
-        padding="SAME",  # stride 2: pads (0, 1) like TF's SAME, as in the DDPM reference
+        padding=padding,
         kernel_init=zeros if zero_init else xavier_uniform,
         bias_init=zeros,
         dtype=dtype,
@@ -94,14 +99,16 @@ class ResnetBlock(nn.Module):
     norm_groups: int = 32
     resample: str | None = None  # None | "down" | "up"
     conv_impl: str = "auto"
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        nkw = dict(kw, epsilon=self.norm_eps)
         c_in = x.shape[-1]
-        h = nn.swish(Norm32(self.norm_groups, **kw, name="norm1")(x))
+        h = nn.swish(Norm32(self.norm_groups, **nkw, name="norm1")(x))
         if self.resample == "down":
             h, x = _downsample_pool(h), _downsample_pool(x)
         elif self.resample == "up":
@@ -110,7 +117,7 @@ class ResnetBlock(nn.Module):
             raise ValueError(f"resample must be None, 'down' or 'up', got {self.resample!r}")
         h = _conv(self.out_ch, "conv1", conv_impl=self.conv_impl, **kw)(h)
         h = h + _dense(self.out_ch, "temb_proj", **kw)(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(Norm32(self.norm_groups, **kw, name="norm2")(h))
+        h = nn.swish(Norm32(self.norm_groups, **nkw, name="norm2")(h))
         h = Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, "conv2", zero_init=True, conv_impl=self.conv_impl, **kw)(h)
         if c_in != self.out_ch:
@@ -129,6 +136,7 @@ class AttnBlock(nn.Module):
     head_dim: int | None = None
     norm_groups: int = 32
     conv_impl: str = "auto"
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -145,7 +153,7 @@ class AttnBlock(nn.Module):
             heads = self.num_heads
         if c % heads:
             raise ValueError(f"channels {c} not divisible by num_heads {heads}")
-        h = Norm32(self.norm_groups, **kw, name="norm")(x)
+        h = Norm32(self.norm_groups, epsilon=self.norm_eps, **kw, name="norm")(x)
         h = h.reshape(b, hh * ww, c)
         split = lambda a: a.reshape(b, hh * ww, heads, c // heads)  # noqa: E731
         q = split(_dense(c, "q", **dkw)(h))
@@ -185,6 +193,11 @@ class UNet(nn.Module):
       norm_groups: maximum GroupNorm groups: a C-channel norm uses the largest divisor of C
         that is <= norm_groups and leaves >= 4 channels per group (32 for DDPM widths; see
         ``layers.group_norm_groups``).
+      norm_eps: GroupNorm epsilon (1e-6 as in DDPM; diffusers' ``UNet2DModel`` default is 1e-5).
+      downsample_padding: ``"same"`` (TF's SAME, pads (0, 1): DDPM) or ``"symmetric"`` (pads
+        (1, 1): diffusers' ``downsample_padding=1``) for the stride-2 downsampling conv.
+      flip_sin_to_cos / freq_shift: the sinusoidal time embedding, as diffusers' ``Timesteps``
+        (DDPM: ``[sin, cos]``, frequencies ``exp(-ln(1e4) i / (ch / 2 - freq_shift))``).
       conv_impl: ``"auto"`` (default: on the CPU backend the sub-pixel upsampling conv of
         :mod:`jaxdiff.nets.conv`, the blocked kernel gradient of the 1x1 / q, k, v Dense layers
         (:mod:`jaxdiff.nets.dense`), and the blocked conv kernel gradient unless traced by
@@ -205,6 +218,10 @@ class UNet(nn.Module):
     out_channels: int | None = None
     resblock_updown: bool = False
     norm_groups: int = 32
+    norm_eps: float = 1e-6
+    downsample_padding: str = "same"
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -227,23 +244,27 @@ class UNet(nn.Module):
         out_ch = self.out_channels or c_in
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_res = tuple(self.attn_resolutions)
+        if self.downsample_padding not in _DOWNSAMPLE_PADDING:
+            raise ValueError(f"downsample_padding must be one of {sorted(_DOWNSAMPLE_PADDING)}, "
+                             f"got {self.downsample_padding!r}")
 
         def res_block(h, out, name, resample=None):
             return ResnetBlock(
-                out, self.dropout, self.norm_groups, resample, self.conv_impl, **kw, name=name
+                out, self.dropout, self.norm_groups, resample, self.conv_impl, self.norm_eps, **kw,
+                name=name,
             )(h, temb, train=train)
 
         def attn(h, name):
-            return AttnBlock(self.num_heads, self.head_dim, self.norm_groups, self.conv_impl, **kw,
-                             name=name)(h)
+            return AttnBlock(self.num_heads, self.head_dim, self.norm_groups, self.conv_impl,
+                             self.norm_eps, **kw, name=name)(h)
 
         # Timestep embedding: sinusoid(ch) -> Dense(4ch) -> swish -> Dense(4ch) (DDPM convention:
         # [sin, cos], frequencies exp(-ln(1e4) i / (half - 1))).
         temb = TimestepEmbedder(
             4 * self.ch,
             frequency_dim=self.ch,
-            flip_sin_to_cos=False,
-            freq_shift=1.0,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+            freq_shift=self.freq_shift,
             **kw,
             name="temb",
         )(t)
@@ -267,7 +288,8 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res_block(h, h.shape[-1], f"down_{i_level}_downsample", resample="down")
                 else:
-                    h = _conv(h.shape[-1], f"down_{i_level}_downsample", stride=2, **ckw)(h)
+                    h = _conv(h.shape[-1], f"down_{i_level}_downsample", stride=2,
+                              padding=_DOWNSAMPLE_PADDING[self.downsample_padding], **ckw)(h)
                 hs.append(h)
 
         # Middle
@@ -295,6 +317,6 @@ class UNet(nn.Module):
         assert not hs
 
         # End
-        h = nn.swish(Norm32(self.norm_groups, **kw, name="norm_out")(h))
+        h = nn.swish(Norm32(self.norm_groups, epsilon=self.norm_eps, **kw, name="norm_out")(h))
         h = _conv(out_ch, "conv_out", zero_init=True, **ckw)(h)
         return h.astype(jnp.float32)

@@ -1,0 +1,310 @@
+"""Weights of a diffusers ``UNet2DModel`` as a jaxdiff :class:`~jaxdiff.nets.UNet`.
+
+diffusers' ``UNet2DModel`` with plain / attention down and up blocks *is* the DDPM U-Net of Ho
+et al. 2020 (the published DDPM checkpoints ``google/ddpm-cifar10-32``, ``-celebahq-256``,
+``-church-256``, ``-bedroom-256``, ``-cat-256`` are ports of the TF reference into it), so its
+weights load into jaxdiff's UNet by renaming and transposing:
+
+* :func:`unet_fields` -- the UNet constructor fields of a ``UNet2DModel`` ``config.json``
+  (raises ``ValueError`` naming each setting jaxdiff's UNet does not have);
+* :func:`unet_params` -- the Flax params from its ``state_dict`` (numpy arrays by diffusers'
+  names; the old attention names ``query / key / value / proj_attn`` are accepted too);
+* :func:`load_unet` -- both from a model folder (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``), without PyTorch.
+
+Nothing is downloaded: the folder is a local copy. Weights are read from ``.safetensors``
+(numpy, no PyTorch needed) or, if only ``diffusion_pytorch_model.bin`` is there, with
+``torch.load(weights_only=True)`` (never unpickling code). The output equals diffusers' forward
+pass to float32 rounding (``tests/nets/test_from_diffusers.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from .layers import group_norm_groups
+
+__all__ = ["UNET2D_DEFAULTS", "unet_fields", "unet_params", "image_shape", "load_unet", "load_state_dict"]
+
+# ``UNet2DModel.__init__`` defaults (diffusers 0.42): a config.json written by an older diffusers
+# omits the keys added since, and diffusers fills them in with these.
+UNET2D_DEFAULTS: dict[str, Any] = dict(
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
+    downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0,
+    act_fn="silu", attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None,
+    norm_eps=1e-5, resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
+    num_class_embeds=None, num_train_timesteps=None,
+)
+
+_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+
+def _with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ValueError(f"expected a diffusers UNet2DModel config, got _class_name={cls!r}")
+    return {**UNET2D_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+
+
+def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """jaxdiff ``UNet`` fields (plus ``"name": "unet"``) equal to a ``UNet2DModel`` config.
+
+    The architecture must be the DDPM one: ``DownBlock2D`` / ``AttnDownBlock2D`` blocks mirrored
+    by ``UpBlock2D`` / ``AttnUpBlock2D``, conv resampling, SiLU, positional time embedding,
+    ``UNetMidBlock2D`` with attention, a square ``sample_size`` (attention is placed by
+    resolution in jaxdiff), and GroupNorm with ``norm_num_groups`` groups at every width.
+    Anything else raises ``ValueError`` listing every unsupported setting.
+    """
+    c = _with_defaults(config)
+    bad = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            bad.append(msg)
+
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    chans = [int(v) for v in c["block_out_channels"]]
+    need(all(b in _DOWN for b in down), f"down_block_types {down}: only {sorted(_DOWN)}")
+    need(all(b in _UP for b in up), f"up_block_types {up}: only {sorted(_UP)}")
+    need(len(down) == len(up) == len(chans),
+         f"{len(down)} down blocks, {len(up)} up blocks, {len(chans)} block_out_channels")
+    if not bad:
+        need([_DOWN[b] for b in down] == [_UP[b] for b in reversed(up)],
+             f"attention in down blocks {down} must mirror the up blocks {up}")
+    need(all(ch % chans[0] == 0 for ch in chans),
+         f"block_out_channels {chans}: each must be a multiple of the first")
+    size = c["sample_size"]
+    if isinstance(size, (list, tuple)):
+        need(len(size) == 2 and size[0] == size[1], f"sample_size {size}: only square images")
+        size = size[0]
+    need(size is not None, "sample_size is not set (jaxdiff places attention by resolution)")
+    for key, want in (("time_embedding_type", "positional"), ("mid_block_type", "UNetMidBlock2D"),
+                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("act_fn", "silu"),
+                      ("resnet_time_scale_shift", "default"), ("add_attention", True),
+                      ("center_input_sample", False), ("class_embed_type", None)):
+        need(c[key] == want, f"{key}={c[key]!r} (only {want!r})")
+    need(float(c["mid_block_scale_factor"]) == 1.0,
+         f"mid_block_scale_factor={c['mid_block_scale_factor']} (only 1)")
+    need(c["time_embedding_dim"] in (None, 4 * chans[0]),
+         f"time_embedding_dim={c['time_embedding_dim']} (only 4 * block_out_channels[0])")
+    need(int(c["downsample_padding"]) in (0, 1), f"downsample_padding={c['downsample_padding']} (only 0 or 1)")
+    groups = int(c["norm_num_groups"])
+    need(c["attn_norm_num_groups"] in (None, groups),
+         f"attn_norm_num_groups={c['attn_norm_num_groups']} differs from norm_num_groups={groups}")
+    if bad:
+        raise ValueError("this UNet2DModel has settings jaxdiff's UNet does not:\n  " + "\n  ".join(bad))
+
+    n = len(chans)
+    widths = _normalised_widths(chans, int(c["layers_per_block"]))
+    odd = sorted(w for w in widths if group_norm_groups(w, groups) != groups)
+    if odd:
+        raise ValueError(f"GroupNorm over {odd} channels: jaxdiff's UNet would use "
+                         f"{[group_norm_groups(w, groups) for w in odd]} groups, the UNet2DModel "
+                         f"{groups} (jaxdiff keeps >= 4 channels per group)")
+    head_dim = c["attention_head_dim"]
+    fields = dict(
+        name="unet",
+        ch=chans[0],
+        ch_mult=tuple(ch // chans[0] for ch in chans),
+        num_res_blocks=int(c["layers_per_block"]),
+        attn_resolutions=tuple(int(size) // 2**i for i in range(n) if _DOWN[down[i]]),
+        dropout=float(c["dropout"]),
+        num_classes=int(c["num_class_embeds"] or 0),
+        num_heads=1,
+        head_dim=None if head_dim is None else int(head_dim),
+        out_channels=int(c["out_channels"]),
+        norm_groups=groups,
+        norm_eps=float(c["norm_eps"]),
+        downsample_padding="same" if int(c["downsample_padding"]) == 0 else "symmetric",
+        flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+        freq_shift=float(c["freq_shift"]),
+    )
+    return fields
+
+
+def _normalised_widths(chans: list[int], layers: int) -> set[int]:
+    """Channel counts GroupNorm sees in the DDPM U-Net with these level widths."""
+    widths, skips, h = set(), [chans[0]], chans[0]
+    for i, ch in enumerate(chans):
+        for _ in range(layers):
+            widths.add(h)
+            h = ch
+            widths.add(h)
+            skips.append(h)
+        if i != len(chans) - 1:
+            skips.append(h)
+    for ch in reversed(chans):
+        for _ in range(layers + 1):
+            widths.add(h + skips.pop())
+            h = ch
+            widths.add(h)
+    return widths
+
+
+def _module_map(fields: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """jaxdiff module name -> (diffusers module prefix, kind)."""
+    n, layers = len(fields["ch_mult"]), int(fields["num_res_blocks"])
+    out = {"conv_in": ("conv_in", "conv"), "conv_out": ("conv_out", "conv"),
+           "norm_out": ("conv_norm_out", "norm"), "temb/dense0": ("time_embedding.linear_1", "dense"),
+           "temb/dense1": ("time_embedding.linear_2", "dense"),
+           "mid_block_1": ("mid_block.resnets.0", "resnet"), "mid_attn_1": ("mid_block.attentions.0", "attn"),
+           "mid_block_2": ("mid_block.resnets.1", "resnet")}
+    if fields.get("num_classes"):
+        out["label_emb/embedding_table"] = ("class_embedding", "embed")
+    for i in range(n):
+        for j in range(layers):
+            out[f"down_{i}_block_{j}"] = (f"down_blocks.{i}.resnets.{j}", "resnet")
+            out[f"down_{i}_attn_{j}"] = (f"down_blocks.{i}.attentions.{j}", "attn")
+        out[f"down_{i}_downsample"] = (f"down_blocks.{i}.downsamplers.0.conv", "conv")
+        k = n - 1 - i
+        for j in range(layers + 1):
+            out[f"up_{i}_block_{j}"] = (f"up_blocks.{k}.resnets.{j}", "resnet")
+            out[f"up_{i}_attn_{j}"] = (f"up_blocks.{k}.attentions.{j}", "attn")
+        out[f"up_{i}_upsample"] = (f"up_blocks.{k}.upsamplers.0.conv", "conv")
+    return out
+
+
+# Inside a block: jaxdiff submodule -> diffusers submodule (alternatives: old attention names).
+_INNER = {
+    "resnet": {"norm1/norm": ("norm1",), "conv1": ("conv1",), "temb_proj": ("time_emb_proj",),
+               "norm2/norm": ("norm2",), "conv2": ("conv2",), "nin_shortcut": ("conv_shortcut",)},
+    "attn": {"norm/norm": ("group_norm",), "q": ("to_q", "query"), "k": ("to_k", "key"),
+             "v": ("to_v", "value"), "proj_out": ("to_out.0", "proj_attn")},
+    "norm": {"norm": ("",)},
+    "conv": {"": ("",)},
+    "dense": {"": ("",)},
+    "embed": {"": ("",)},
+}
+_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+
+
+def _convert_leaf(name: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    v = np.asarray(value, np.float32)
+    if name == "kernel" and v.ndim == 4 and len(target_shape) == 4:
+        v = v.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    elif name == "kernel" and len(target_shape) == 2:
+        v = v.reshape(v.shape[0], -1).T  # Linear (O, I) or 1x1 conv (O, I, 1, 1) -> (I, O)
+    if name == "embedding" and v.shape[0] + 1 == target_shape[0]:
+        # diffusers has no null class: jaxdiff's extra row (label num_classes) is set to zeros,
+        # i.e. the time embedding alone -- a placeholder the imported model was never trained on.
+        v = np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)])
+    if v.shape != tuple(target_shape):
+        raise ValueError(f"shape {v.shape} does not fit jaxdiff's {tuple(target_shape)}")
+    return v
+
+
+def unet_params(state_dict: Mapping[str, Any], fields: Mapping[str, Any], image_size: int) -> dict:
+    """Flax params of ``UNet(**fields)`` from a ``UNet2DModel`` state dict (name -> array).
+
+    ``image_size``: the config's ``sample_size`` (which resolutions have attention depends on it).
+
+    Every array of the state dict must be used and every parameter found; otherwise a
+    ``ValueError`` lists the missing and the unused names. The null-class row that jaxdiff's
+    label table adds for classifier-free guidance is zeros.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from . import build
+
+    kwargs = {k: v for k, v in fields.items() if k != "name"}
+    model = build({"name": "unet", **kwargs})
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    if "conv_in.weight" not in sd:
+        raise ValueError("the state dict has no conv_in.weight: not a UNet2DModel state dict")
+    x = jnp.zeros((1, image_size, image_size, sd["conv_in.weight"].shape[1]))
+    y = jnp.zeros((1,), jnp.int32) if kwargs.get("num_classes") else None
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), y))["params"]
+    modules = _module_map(fields)
+    used, missing, errors = set(), [], []
+
+    def fetch(path: tuple[str, ...], shape):
+        leaf = path[-1]
+        for cut in range(len(path) - 1, 0, -1):  # longest jaxdiff module prefix we know
+            mod = "/".join(path[:cut])
+            if mod in modules:
+                break
+        else:
+            missing.append("/".join(path))
+            return None
+        prefix, kind = modules[mod]
+        inner = "/".join(path[cut:-1])
+        for alt in _INNER[kind].get(inner, ()):
+            key = ".".join(p for p in (prefix, alt, _LEAF[leaf]) if p)
+            if key in sd:
+                used.add(key)
+                try:
+                    return _convert_leaf(leaf, sd[key], shape)
+                except ValueError as e:
+                    errors.append(f"{key} -> {'/'.join(path)}: {e}")
+                    return None
+        missing.append(f"{'/'.join(path)} (diffusers {prefix}.{'|'.join(_INNER[kind].get(inner, ('?',)))})")
+        return None
+
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, s: fetch(tuple(str(getattr(k, "key", k)) for k in p), s.shape), shapes)
+    unused = sorted(set(sd) - used)
+    if missing or unused or errors:
+        lines = ["the state dict does not fit UNet(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + "):"]
+        for what, items in (("missing", missing), ("unused", unused), ("wrong shape", errors)):
+            if items:
+                lines.append(f"{len(items)} {what}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        raise ValueError("\n".join(lines))
+    return params
+
+
+def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
+    """The arrays of ``model_dir/diffusion_pytorch_model.safetensors`` (numpy; no PyTorch), or of
+    ``diffusion_pytorch_model.bin`` through ``torch.load(weights_only=True)``."""
+    st = os.path.join(model_dir, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(st):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:
+            raise ImportError("reading .safetensors needs the safetensors package (pip install safetensors)") from e
+        return load_file(st)
+    binary = os.path.join(model_dir, "diffusion_pytorch_model.bin")
+    if os.path.isfile(binary):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"{binary} is a PyTorch file: reading it needs torch, or convert it to "
+                              ".safetensors") from e
+        sd = torch.load(binary, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {model_dir}")
+
+
+def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the images a ``UNet2DModel`` config is for (``sample_size``, ``in_channels``)."""
+    c = _with_defaults(config)
+    size = c["sample_size"]
+    h, w = (size, size) if not isinstance(size, (list, tuple)) else size
+    return int(h), int(w), int(c["in_channels"])
+
+
+def load_unet(model_dir: str) -> tuple[dict[str, Any], dict, tuple[int, int, int]]:
+    """``(fields, params, (H, W, C))`` of the ``UNet2DModel`` saved in ``model_dir`` (its
+    ``config.json`` and weights); build the network with ``jaxdiff.nets.build(fields)``.
+
+    The network takes the diffusers timestep (``0 .. num_train_timesteps - 1``) as ``t``, as
+    jaxdiff's ``discrete_vp`` process feeds it, and NHWC images instead of NCHW.
+    """
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {model_dir} (expected a diffusers UNet2DModel folder)")
+    with open(path) as f:
+        config = json.load(f)
+    fields = unet_fields(config)
+    shape = image_shape(config)
+    return fields, unet_params(load_state_dict(model_dir), fields, shape[0]), shape
