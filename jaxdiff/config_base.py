@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_steps = 0             # cosine reaches lr * final_lr_fraction here; 0 = train.num_steps
     c.optim.final_lr_fraction = 0.0
     c.optim.weight_decay = 0.0
+    c.optim.weight_decay_mask = "all"   # all | matrices (ndim >= 2: kernels, embeddings; not biases, norms)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8

@@ -131,6 +131,22 @@ _OPTIM_RULES = (
 )
 
 
+WEIGHT_DECAY_MASKS = ("all", "matrices")
+
+
+def weight_decay_mask(name: str):
+    """optax's ``mask`` for ``config.optim.weight_decay_mask``: ``"all"`` decays every parameter
+    (as ``torch.optim.AdamW`` over one parameter group); ``"matrices"`` only those with
+    ``ndim >= 2`` (conv / dense kernels, embedding tables), not biases and norm scales -- the
+    usual split (e.g. Loshchilov & Hutter's AdamW is applied to weights; GPT-2-style trainers
+    exclude biases and norms)."""
+    if name == "all":
+        return None
+    if name == "matrices":
+        return lambda params: jax.tree.map(lambda p: len(p.shape) >= 2, params)
+    raise ValueError(f"config.optim.weight_decay_mask={name!r} is invalid: must be one of {WEIGHT_DECAY_MASKS}")
+
+
 def _check_optim(optim) -> None:
     """AdamW's update is finite for finite gradients only if eps > 0 and b1, b2 < 1 (the bias
     correction divides by 1 - b**t); the train step's non-finite guard relies on that."""
@@ -138,13 +154,15 @@ def _check_optim(optim) -> None:
         value = float(optim.get(name, default))
         if not valid(value):
             raise ValueError(f"config.optim.{name}={value} is invalid: must be {rule}")
+    weight_decay_mask(str(optim.get("weight_decay_mask", "all")))
     clip = optim.get("grad_clip")
     if clip and not (math.isfinite(float(clip)) and float(clip) > 0):
         raise ValueError(f"config.optim.grad_clip={clip} is invalid: must be > 0 (or 0 / None for no clipping)")
 
 
 def make_optimizer(config, num_steps=None) -> optax.GradientTransformation:
-    """AdamW with warmup + constant/cosine schedule and global-norm gradient clipping.
+    """AdamW with warmup + constant/cosine schedule and global-norm gradient clipping; weight
+    decay on the parameters ``optim.weight_decay_mask`` selects (:func:`weight_decay_mask`).
 
     ``config``: the full config (what the trainer should pass: a cosine schedule with
     ``optim.decay_steps=0`` then decays over ``train.num_steps``), or its ``optim`` section
@@ -167,6 +185,7 @@ def make_optimizer(config, num_steps=None) -> optax.GradientTransformation:
             b2=float(optim.get("b2", 0.999)),
             eps=float(optim.get("eps", 1e-8)),
             weight_decay=float(optim.get("weight_decay", 0.0)),
+            mask=weight_decay_mask(str(optim.get("weight_decay_mask", "all"))),
         )
     )
     return optax.chain(*chain)
