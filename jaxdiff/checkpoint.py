@@ -11,6 +11,8 @@ those directories (the trainer reports them as skipped); with ``cleanup=True`` O
 
 Before restoring, :meth:`CheckpointManager.restore` compares the shapes stored in the
 checkpoint's metadata with the target's and names every parameter that differs.
+:meth:`CheckpointManager.restore_subtree` reads one part of the state (the EMA copy a sampler
+uses) and nothing else.
 """
 
 from __future__ import annotations
@@ -147,25 +149,57 @@ class CheckpointManager:
             os.kill(os.getpid(), signal.SIGKILL)
         return started
 
-    def restore(self, abstract_state, step: int | None = None):
-        """Restore into ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings)."""
+    def _step_or_latest(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restore into ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings)."""
+        step = self._step_or_latest(step)
         self.check_shapes(abstract_state, step)
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out.state
 
-    def check_shapes(self, abstract_state, step: int) -> None:
+    def restore_subtree(self, abstract_subtree, key_path: tuple[str, ...], step: int | None = None):
+        """Restore only the part of the saved state at ``key_path`` -- ``("params",)``, or
+        ``("ema", name)`` for one EMA copy -- into ``abstract_subtree`` (``ShapeDtypeStruct`` s
+        with shardings, the structure of that part) and return it.
+
+        The other arrays (optimizer moments, other EMA copies) are not read from disk: Orbax's
+        ``PyTreeRestore(partial_restore=True)`` skips every array its target omits.
+        (``StandardRestore`` has no partial restore; ``StandardCheckpointHandler`` writes the
+        "state" item through ``PyTreeCheckpointHandler``, so that handler reads it.) Shapes are
+        checked first, as by :meth:`restore`, for the arrays under ``key_path``.
+        """
+        step = self._step_or_latest(step)
+        target = abstract_subtree
+        for key in reversed(key_path):
+            target = {key: target}
+        self.check_shapes(target, step, key_path)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        with ocp.PyTreeCheckpointer() as reader:
+            out = reader.restore(os.path.join(self.directory, str(int(step)), "state"),
+                                 args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
+        for key in key_path:
+            out = out[key]
+        return out
+
+    def check_shapes(self, abstract_state, step: int, key_path: tuple[str, ...] = ()) -> None:
         """Raise :class:`CheckpointMismatchError` naming every array whose stored shape differs
         from ``abstract_state``'s (or that only one of them has), read from the checkpoint's
-        metadata without loading any array."""
+        metadata without loading any array. With ``key_path`` (as :meth:`restore_subtree`
+        takes it; ``abstract_state`` then nests the subtree under it), only the stored arrays
+        under that path are compared, and they are the ones named."""
         meta = self._mngr.item_metadata(step)["state"]
-        stored = _shapes(getattr(meta, "tree", meta))
+        under = "".join(f"{k}/" for k in key_path)
+        stored = {k: s for k, s in _shapes(getattr(meta, "tree", meta)).items() if k.startswith(under)}
         wanted = _shapes(abstract_state)
         differ_all = [k for k in sorted(stored.keys() & wanted.keys()) if stored[k] != wanted[k]]
         # Name the parameters; the EMA copies and optimizer moments mirror them.
-        named = [k for k in differ_all if k.startswith("params/")] or differ_all
+        params = under or "params/"
+        named = [k for k in differ_all if k.startswith(params)] or differ_all
         differ = [f"  {k}: checkpoint {stored[k]} vs config {wanted[k]}" for k in named]
         mirrored = len(differ_all) - len(named)
         only_ckpt = sorted(stored.keys() - wanted.keys())
@@ -179,10 +213,10 @@ class CheckpointManager:
             if mirrored:
                 lines.append(f"(and {mirrored} EMA / optimizer-state arrays of those parameters)")
         for what, keys in (("only in the checkpoint", only_ckpt), ("only in the config", only_cfg)):
-            shown = [k for k in keys if k.startswith("params/")] or keys
+            shown = [k for k in keys if k.startswith(params)] or keys
             if shown:
                 rest = len(keys) - len(shown)
-                lines.append(f"{len(shown)} {'parameter' if shown[0].startswith('params/') else 'array'}(s) {what}: "
+                lines.append(f"{len(shown)} {'parameter' if shown[0].startswith(params) else 'array'}(s) {what}: "
                              + ", ".join(shown[:10]) + (f", ... ({len(shown) - 10} more)" if len(shown) > 10 else "")
                              + (f" (and {rest} EMA / optimizer-state arrays of them)" if rest else ""))
         lines.append("Use the config the run was trained with (its workdir/config.json), or a new --workdir.")

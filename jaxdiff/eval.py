@@ -248,16 +248,21 @@ def compare_to_reference(result: dict, ref: dict, *, kid_subsets: int = 100, kid
 
 def restore_for_sampling(workdir: str, which: str = ""):
     """``(config, model, params, step)`` of the latest checkpoint of a ``jaxdiff train`` workdir
-    (the EMA copy ``which``, default the first one, as ``jaxdiff sample`` does).
+    (the EMA copy ``which``, default the first one, or ``"params"``, as ``jaxdiff sample`` does).
+
+    Only that copy is read from the checkpoint
+    (:meth:`jaxdiff.checkpoint.CheckpointManager.restore_subtree`): not the optimizer moments or
+    the other EMA copies. The EMA names come from the checkpoint's config; an unknown ``which``
+    raises ValueError naming them.
 
     The config is the one saved with that checkpoint (not ``workdir/config.json``, which a later
-    ``jaxdiff train`` on the same workdir rewrites). The state is restored onto this process's
+    ``jaxdiff train`` on the same workdir rewrites). The params are restored onto this process's
     devices -- replicated, or fsdp-sharded when the run's ``mesh.fsdp`` divides the device
-    count -- whatever number of devices wrote it.
+    count -- whatever number of devices wrote them.
     """
     from jaxdiff.checkpoint import CheckpointManager, config_from_json
     from jaxdiff.modeling import build_model
-    from jaxdiff.train.loop import abstract_train_state, sampling_params
+    from jaxdiff.train.loop import abstract_train_state, sampling_key, sampling_params
     from jaxdiff.train.state import make_optimizer
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -272,10 +277,11 @@ def restore_for_sampling(workdir: str, which: str = ""):
         fsdp = int(config.mesh.get("fsdp", 1))
         mesh = parallel.make_mesh(-1, fsdp if fsdp > 0 and jax.device_count() % fsdp == 0 else 1)
         abstract, _ = abstract_train_state(config, model, make_optimizer(config), mesh)
-        state = ckpt.restore(abstract, step)
+        which = which or config.sample.get("params")
+        params = ckpt.restore_subtree(sampling_params(abstract, which), sampling_key(abstract.ema, which), step)
     finally:
         ckpt.close()
-    return config, model, sampling_params(state, which or config.sample.get("params")), int(step)
+    return config, model, params, int(step)
 
 
 def guidance_tag(g: dict) -> str:

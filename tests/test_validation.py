@@ -142,24 +142,29 @@ def test_checkpoint_from_other_model_config_names_differing_shapes(tmp_path):
     try:
         ckpt.save(1, state, cfg, force=True)
         ckpt.restore(_abstract(cfg), 1)  # the same config restores
+        ckpt.restore_subtree(_abstract(cfg).ema["ema_0"], ("ema", "ema_0"), 1)  # and so does one part of it
         wider = load_config("toy2d", "tiny")
         wider.model.hidden = 48
         with pytest.raises(CheckpointMismatchError) as info:
             ckpt.restore(_abstract(wider), 1)
+        with pytest.raises(CheckpointMismatchError) as info_ema:
+            ckpt.restore_subtree(_abstract(wider).ema["ema_0"], ("ema", "ema_0"), 1)
     finally:
         ckpt.close()
-    msg = str(info.value)
-    assert "was written by a different model config" in msg and "parameter shape(s) differ" in msg
-    # every params entry whose shape changed is named with both shapes
+    # every params entry whose shape changed is named with both shapes (a restore of one EMA
+    # copy: that copy's entries, which mirror the params)
     stored = jax.tree_util.tree_flatten_with_path(state.params)[0]
     wanted = dict(jax.tree_util.tree_flatten_with_path(_abstract(wider).params)[0])
     changed = [p for p, x in stored if x.shape != wanted[p].shape]
     assert changed
-    for path, x in stored:
-        name = "params/" + "/".join(str(k.key) for k in path)
-        line = f"{name}: checkpoint {tuple(x.shape)} vs config {tuple(wanted[path].shape)}"
-        assert (line in msg) == (path in changed), line
-    assert "config.json" in msg
+    for msg, prefix in ((str(info.value), "params/"), (str(info_ema.value), "ema/ema_0/")):
+        assert "was written by a different model config" in msg and "parameter shape(s) differ" in msg
+        for path, x in stored:
+            name = prefix + "/".join(str(k.key) for k in path)
+            line = f"{name}: checkpoint {tuple(x.shape)} vs config {tuple(wanted[path].shape)}"
+            assert (line in msg) == (path in changed), line
+        assert "config.json" in msg
+    assert "opt_state" not in str(info_ema.value) and "EMA / optimizer-state" not in str(info_ema.value)
 
 
 # --- sampler arguments --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from jaxdiff.modeling import build_model, data_shape, num_classes
 from jaxdiff.train.state import TrainState, init_state, make_optimizer
 from jaxdiff.train.step import ema_specs, make_train_step, nonfinite_mode
 
-__all__ = ["train", "make_init_fn", "sampling_params"]
+__all__ = ["train", "make_init_fn", "sampling_key", "sampling_params"]
 
 
 def make_init_fn(config, model, tx):
@@ -66,15 +66,26 @@ def make_init_fn(config, model, tx):
     return init
 
 
-def sampling_params(state: TrainState, which: str | None = None):
-    """Params to sample with: the named EMA copy, else the first EMA copy, else the raw params."""
-    if which == "params" or not state.ema:
-        return state.params
+def sampling_key(ema_names, which: str | None = None) -> tuple[str, ...]:
+    """Where in the train state the params to sample with are: ``("ema", which)`` for the named
+    EMA copy, else ``("ema", first name in sorted order)``, else (``which == "params"`` or no
+    EMA copies) ``("params",)``. ``ema_names``: the state's EMA names (``state.ema``'s keys).
+
+    Raises ValueError naming the available copies if ``which`` is neither one nor "params"."""
+    if which == "params" or not ema_names:
+        return ("params",)
     if which:
-        if which not in state.ema:
-            raise ValueError(f"no EMA copy {which!r}; available: params, {', '.join(state.ema)}")
-        return state.ema[which]
-    return state.ema[sorted(state.ema)[0]]
+        if which not in ema_names:
+            raise ValueError(f"no EMA copy {which!r}; available: params, {', '.join(ema_names)}")
+        return ("ema", which)
+    return ("ema", sorted(ema_names)[0])
+
+
+def sampling_params(state: TrainState, which: str | None = None):
+    """Params to sample with: the named EMA copy, else the first EMA copy, else the raw params
+    (:func:`sampling_key`)."""
+    key = sampling_key(state.ema, which)
+    return state.ema[key[1]] if key[0] == "ema" else state.params
 
 
 def _compile_step(step_fn, state, batch):
