@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num = 100
     c.sample.nrow = 10
     c.sample.params = ""                # "" = first EMA copy; "params" = raw params; or an EMA name
+    c.sample.grid = ""                  # time grid kind (schedules.GRID_KINDS); "" = the process's default
+    c.sample.clip_denoised = 0.0        # ddpm / ddim: clip x0_hat to +-this (diffusers' clip_sample); 0 = off
     # classifier-free guidance (class-conditional models; jaxdiff.guidance): scale 1 = the
     # conditional model alone (one model call), 0 = unconditional; interval (lo, hi) guides only
     # where sigma/alpha is in (lo, hi] (() = every step); rescale = CFG-rescale phi (0 = off)

@@ -38,10 +38,16 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     """``sample(params, key, y) -> images`` for one batch, jitted; images sharded over the mesh.
 
     Classifier-free guidance follows ``config.sample.guidance_*`` (or ``guidance_override``, e.g.
-    ``{"scale": 3.0}``); at scale 1 the conditional model runs alone."""
+    ``{"scale": 3.0}``); at scale 1 the conditional model runs alone. The time grid is
+    ``grid_kind``, else ``config.sample.grid``, else the process's default; ``ddpm`` and ``ddim``
+    clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say)."""
     fn = samplers.get(sampler)
     process = build_process(config)
-    grid = make_grid(process, int(num_steps), grid_kind)
+    sc = config.get("sample") or {}
+    grid = make_grid(process, int(num_steps), grid_kind or sc.get("grid") or None)
+    clip = float(sc.get("clip_denoised", 0.0) or 0.0)
+    if clip > 0 and sampler in ("ddpm", "ddim"):
+        options.setdefault("clip_denoised", clip)
     shape = (batch,) + data_shape(config)
     mesh = mesh or parallel.make_mesh()
     out_sharding = parallel.batch_sharding(mesh)

@@ -24,10 +24,17 @@ import os
 
 __all__ = ["import_pipeline", "scheduler_settings"]
 
-# DDPMScheduler / DDIMScheduler defaults for the keys an old scheduler_config.json may omit.
+# diffusers' schedulers over a discrete beta chain (the ones jaxdiff's discrete_vp is); the
+# defaults below are theirs for the keys an old scheduler_config.json may omit.
+BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                   "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+                   "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+_CLIPPING = ("DDPMScheduler", "DDIMScheduler")  # the ones with clip_sample (default True)
 _SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                            beta_schedule="linear", trained_betas=None, prediction_type="epsilon",
-                           rescale_betas_zero_snr=False, clip_sample=True, clip_sample_range=1.0)
+                           rescale_betas_zero_snr=False, clip_sample_range=1.0, thresholding=False,
+                           steps_offset=0, variance_type="fixed_small")
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
 
 
@@ -40,12 +47,31 @@ def _find(model_dir: str, *candidates: str) -> str | None:
 
 
 def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
-    """``(process, prediction, notes)`` of a diffusers DDPM/DDIM-family scheduler config: the
-    ``config.diffusion.process`` dict, ``config.diffusion.prediction`` and the sampler settings
-    jaxdiff does not keep in the config (``clip_sample``), to report."""
+    """``(process, prediction, sample)`` of a diffusers beta-chain scheduler config: the
+    ``config.diffusion.process`` dict, ``config.diffusion.prediction``, and the
+    ``config.sample`` settings that make ``jaxdiff sample --sampler ddpm|ddim`` step as that
+    scheduler does: ``grid`` (its ``timestep_spacing``; DDPM / DDIM default ``leading``) and
+    ``clip_denoised`` (its ``clip_sample_range`` when ``clip_sample``, DDPM / DDIM only).
+
+    Raises ValueError for a scheduler that is not over a beta chain (VE, flow matching, ...),
+    for ``thresholding=True`` (dynamic thresholding is not implemented) and ``steps_offset != 0``.
+    """
     from jaxdiff.processes import BETA_SCHEDULES
 
-    c = {**_SCHEDULER_DEFAULTS, **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
+    cls = scheduler_config.get("_class_name", "DDPMScheduler")
+    if cls not in BETA_SCHEDULERS:
+        raise ValueError(f"scheduler {cls}: jaxdiff imports the beta-chain schedulers "
+                         f"({', '.join(BETA_SCHEDULERS)})")
+    c = {**_SCHEDULER_DEFAULTS, "clip_sample": cls in _CLIPPING,
+         "timestep_spacing": "leading" if cls in _CLIPPING else "linspace",
+         **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
+    if c["thresholding"]:
+        raise ValueError("scheduler thresholding=True (dynamic thresholding, Saharia et al. 2022) "
+                         "is not implemented in jaxdiff")
+    if int(c["steps_offset"]) != 0 or c["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+        raise ValueError(f"scheduler steps_offset={c['steps_offset']}, timestep_spacing="
+                         f"{c['timestep_spacing']!r}: jaxdiff's grids have offset 0 and the spacings "
+                         "linspace, leading, trailing")
     if c["trained_betas"] is None and c["beta_schedule"] not in BETA_SCHEDULES:
         raise ValueError(f"scheduler beta_schedule={c['beta_schedule']!r}: jaxdiff's discrete_vp has "
                          f"{', '.join(BETA_SCHEDULES)}")
@@ -56,8 +82,9 @@ def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
                "rescale_betas_zero_snr": bool(c["rescale_betas_zero_snr"])}
     if c["trained_betas"] is not None:
         process["trained_betas"] = tuple(float(b) for b in c["trained_betas"])
-    notes = {"clip_sample": bool(c["clip_sample"]), "clip_sample_range": float(c["clip_sample_range"])}
-    return process, _PREDICTIONS[c["prediction_type"]], notes
+    sample = {"grid": c["timestep_spacing"],
+              "clip_denoised": float(c["clip_sample_range"]) if c["clip_sample"] and cls in _CLIPPING else 0.0}
+    return process, _PREDICTIONS[c["prediction_type"]], sample
 
 
 def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
@@ -98,7 +125,8 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     if height != width:
         raise ValueError(f"only square images: sample_size {height}x{width}")
     with open(sched_path) as f:
-        process, prediction, notes = scheduler_settings(json.load(f))
+        scheduler = json.load(f)
+    process, prediction, sample = scheduler_settings(scheduler)
 
     if config is None:
         config = base_config()
@@ -110,6 +138,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         config.data.image_size, config.data.channels, config.data.dim = height, channels, 0
         config.diffusion.process = ml_collections.ConfigDict(process)
         config.diffusion.prediction = prediction
+        config.sample.grid, config.sample.clip_denoised = sample["grid"], sample["clip_denoised"]
 
     model = build_model(config)
     tx = make_optimizer(config)
@@ -137,8 +166,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         "process": process if "trained_betas" not in process else {**process, "trained_betas": "..."},
         "prediction": prediction,
         "ema_copies": sorted(state.ema),
-        # diffusers' DDPM / DDIM pipelines clip x0_hat to +-clip_sample_range when clip_sample is
-        # set; jaxdiff's ddpm / ddim samplers do the same by default (clip_sample=True, range 1).
-        "scheduler_clip_sample": notes["clip_sample"],
-        "scheduler_clip_sample_range": notes["clip_sample_range"],
+        "sample": sample,  # config.sample.grid / clip_denoised: ddpm and ddim step as the scheduler
+        "variance_type": scheduler.get("variance_type", "fixed_small"),  # jaxdiff's ddpm: fixed_small;
+        # learned variances (out_channels 2C) are dropped, the first C channels are the prediction
     }

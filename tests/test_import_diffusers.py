@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import samplers
-from jaxdiff.schedules import grid_from_times
+from jaxdiff.schedules import grid_from_times, make_grid
 from jaxdiff.eval import restore_for_sampling
 from jaxdiff.import_diffusers import import_pipeline, scheduler_settings
 from jaxdiff.modeling import build_process, denoiser
@@ -37,7 +37,8 @@ def make_pipeline(root, flat=False, **scheduler_kw):
 def test_imported_workdir_samples_like_the_diffusers_pipeline(tmp_path):
     unet, sched = make_pipeline(tmp_path / "pipe")
     summary = import_pipeline(str(tmp_path / "pipe"), str(tmp_path / "wd"))
-    assert summary["prediction"] == "epsilon" and summary["scheduler_clip_sample"] is True
+    assert summary["prediction"] == "epsilon"
+    assert summary["sample"] == {"grid": "leading", "clip_denoised": 1.0}  # DDPMScheduler's defaults
     assert summary["num_params"] == sum(p.numel() for p in unet.parameters())
 
     config, model, params, step = restore_for_sampling(str(tmp_path / "wd"))
@@ -63,8 +64,11 @@ def test_imported_workdir_samples_like_the_diffusers_pipeline(tmp_path):
     # (relative) from its float64 loop; jaxdiff (measured 1.4e-4) must be within twice that.
     theirs32, ts = diffusers_ddim(unet, sched, noise, torch.float32)
     theirs64, _ = diffusers_ddim(unet, sched, noise, torch.float64, process)
-    grid = grid_from_times(process, ts)
-    ours = np.asarray(jax.jit(lambda x: samplers.get("ddim")(den, x, grid, clip_denoised=1.0))(jnp.asarray(noise)))
+    # the grid and the clipping as the imported config.sample says (what `jaxdiff sample` uses)
+    grid = make_grid(process, 10, config.sample.grid)
+    np.testing.assert_array_equal(np.asarray(grid.t[:-1]), np.asarray(grid_from_times(process, ts).t[:-1]))
+    clip = config.sample.clip_denoised
+    ours = np.asarray(jax.jit(lambda x: samplers.get("ddim")(den, x, grid, clip_denoised=clip))(jnp.asarray(noise)))
     scale = np.abs(theirs64).max()
     own, err = np.abs(theirs32 - theirs64).max() / scale, np.abs(ours - theirs64).max() / scale
     assert own < 1e-3 and err < 2 * own + 1e-5, (err, own)
@@ -109,13 +113,19 @@ def test_cli_import_flat_layout_and_refusals(tmp_path):
 
 
 def test_scheduler_settings():
-    process, prediction, notes = scheduler_settings(
+    process, prediction, sample = scheduler_settings(
         {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-         "beta_end": 0.012, "prediction_type": "sample", "clip_sample": False})
+         "beta_end": 0.012, "prediction_type": "sample", "clip_sample": False, "timestep_spacing": "trailing"})
     assert process == {"name": "discrete_vp", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                        "beta_end": 0.012, "num_train_timesteps": 1000, "rescale_betas_zero_snr": False}
-    assert prediction == "sample" and notes["clip_sample"] is False
-    with pytest.raises(ValueError, match="beta_schedule='sigmoid'"):
-        scheduler_settings({"beta_schedule": "sigmoid"})
-    with pytest.raises(ValueError, match="prediction_type='flow'"):
-        scheduler_settings({"prediction_type": "flow"})
+    assert prediction == "sample" and sample == {"grid": "trailing", "clip_denoised": 0.0}
+    # PNDM has no clip_sample and spaces its steps linspace by default
+    assert scheduler_settings({"_class_name": "PNDMScheduler"})[2] == {"grid": "linspace", "clip_denoised": 0.0}
+    assert scheduler_settings({"_class_name": "DDIMScheduler", "clip_sample_range": 2.0})[2]["clip_denoised"] == 2.0
+    for bad, match in (({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
+                       ({"prediction_type": "flow"}, "prediction_type='flow'"),
+                       ({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 1348.0}, "scheduler ScoreSdeVeScheduler"),
+                       ({"thresholding": True}, "thresholding=True"),
+                       ({"steps_offset": 1}, "steps_offset=1")):
+        with pytest.raises(ValueError, match=match):
+            scheduler_settings(bad)

@@ -89,18 +89,24 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         size = size[0]
     need(size is not None, "sample_size is not set (jaxdiff places attention by resolution)")
     for key, want in (("time_embedding_type", "positional"), ("mid_block_type", "UNetMidBlock2D"),
-                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("act_fn", "silu"),
+                      ("downsample_type", "conv"), ("upsample_type", "conv"),
                       ("resnet_time_scale_shift", "default"), ("add_attention", True),
                       ("center_input_sample", False), ("class_embed_type", None)):
         need(c[key] == want, f"{key}={c[key]!r} (only {want!r})")
+    need(c["act_fn"] in ("silu", "swish"), f"act_fn={c['act_fn']!r} (only 'silu')")
     need(float(c["mid_block_scale_factor"]) == 1.0,
          f"mid_block_scale_factor={c['mid_block_scale_factor']} (only 1)")
     need(c["time_embedding_dim"] in (None, 4 * chans[0]),
          f"time_embedding_dim={c['time_embedding_dim']} (only 4 * block_out_channels[0])")
     need(int(c["downsample_padding"]) in (0, 1), f"downsample_padding={c['downsample_padding']} (only 0 or 1)")
-    groups = int(c["norm_num_groups"])
+    groups = c["norm_num_groups"]
+    need(isinstance(groups, int) and groups > 0, f"norm_num_groups={groups!r} (a positive number of groups)")
     need(c["attn_norm_num_groups"] in (None, groups),
          f"attn_norm_num_groups={c['attn_norm_num_groups']} differs from norm_num_groups={groups}")
+    head_dim = c["attention_head_dim"]
+    if head_dim is not None:
+        need(all(ch % int(head_dim) == 0 for ch in chans),
+             f"attention_head_dim={head_dim} does not divide the widths {chans}")
     if bad:
         raise ValueError("this UNet2DModel has settings jaxdiff's UNet does not:\n  " + "\n  ".join(bad))
 
@@ -111,7 +117,6 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"GroupNorm over {odd} channels: jaxdiff's UNet would use "
                          f"{[group_norm_groups(w, groups) for w in odd]} groups, the UNet2DModel "
                          f"{groups} (jaxdiff keeps >= 4 channels per group)")
-    head_dim = c["attention_head_dim"]
     fields = dict(
         name="unet",
         ch=chans[0],
@@ -122,7 +127,8 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         num_classes=int(c["num_class_embeds"] or 0),
         num_heads=1,
         head_dim=None if head_dim is None else int(head_dim),
-        out_channels=int(c["out_channels"]),
+        # None: as many as the input, jaxdiff's default (so that a config leaving it unset is the same net)
+        out_channels=None if int(c["out_channels"]) == int(c["in_channels"]) else int(c["out_channels"]),
         norm_groups=groups,
         norm_eps=float(c["norm_eps"]),
         downsample_padding="same" if int(c["downsample_padding"]) == 0 else "symmetric",

@@ -24,6 +24,7 @@ trained during that write):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -149,6 +150,57 @@ def _stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
             signal.signal(s, h)
 
 
+# Model fields a resumed run may change: they change how the step runs, not the function.
+RESUME_MAY_CHANGE = ("dropout", "dtype", "conv_impl")
+
+
+def check_resume_config(saved: dict, config) -> None:
+    """Raise ValueError if ``config`` builds another network or forward process than the config
+    ``saved`` with a checkpoint (``CheckpointManager.restore_config``): a model field other than
+    ``RESUME_MAY_CHANGE``, ``diffusion.process``, ``prediction`` (or ``sigma_data`` with EDM
+    preconditioning). A restore only
+    checks shapes, so e.g. another time embedding, GroupNorm epsilon or prediction type would
+    otherwise train the restored weights as a different model without a word. Compared as built
+    (module fields and process objects), so a field left at its default equals one set to it."""
+    from jaxdiff.checkpoint import config_from_json
+    from jaxdiff.modeling import build_process
+
+    old = config_from_json(saved)
+    a, b = _network_fields(old), _network_fields(config)
+    diffs = []
+    if a["class"] != b["class"]:
+        diffs.append(f"model: checkpoint {a['class']} vs config {b['class']}")
+    else:
+        diffs += [f"model.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                  for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if build_process(old) != build_process(config):
+        diffs.append(f"diffusion.process: checkpoint {old.diffusion.process.to_dict()} vs config "
+                     f"{config.diffusion.process.to_dict()}")
+    keys = ("prediction", "sigma_data") if config.diffusion.prediction == "edm" else ("prediction",)
+    for key in keys:  # sigma_data is part of the network function under EDM preconditioning only
+        va, vb = old.diffusion.get(key), config.diffusion.get(key)
+        if va != vb:
+            diffs.append(f"diffusion.{key}: checkpoint {va!r} vs config {vb!r}")
+    if diffs:
+        raise ValueError("\n  ".join(["it was written with another model or process:"] + diffs)
+                         + "\nSet these keys to the checkpoint's values (--config.model.X=...; the run's "
+                         "workdir/config.json lists them all), or train in a new --workdir.")
+
+
+def _network_fields(config) -> dict:
+    """The fields that define ``config``'s network, as built (defaults filled in), normalised
+    where two settings build the same function: ``out_channels=None`` is the data's channel
+    count, and ``num_heads`` is unused when ``head_dim`` is set."""
+    model = build_model(config)
+    out = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+           if f.init and f.name not in ("parent", "name") + RESUME_MAY_CHANGE}
+    if "out_channels" in out and out["out_channels"] is None:
+        out["out_channels"] = data_shape(config)[-1]
+    if out.get("head_dim") is not None:
+        out.pop("num_heads", None)
+    return {"class": type(model).__name__, **out}
+
+
 def check_data_shape(config, source) -> None:
     """The dataset's examples must have the shape the model config describes."""
     want = tuple(data_shape(config))
@@ -225,6 +277,13 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
         _log(f"skipped incomplete checkpoint {path} (its write was interrupted); "
              + (f"restoring the last complete one, step {latest}" if latest is not None else "no complete one: starting afresh"))
     if latest is not None:
+        try:
+            check_resume_config(ckpt.restore_config(latest), config)
+        except Exception as e:
+            ckpt.close()
+            if isinstance(e, ValueError):
+                raise ValueError(f"cannot resume {ckpt.directory}/{latest} with this config: {e}") from None
+            raise
         state = ckpt.restore(abstract, latest)
         _log(f"resumed from {ckpt.directory}/{latest}")
     else:

@@ -129,6 +129,10 @@ def test_unsupported_configs_are_named():
         unet_fields(dict(DDPM_LIKE, block_out_channels=(16, 32)))
     with pytest.raises(ValueError, match="UNet2DModel config"):
         unet_fields({"_class_name": "UNet2DConditionModel"})
+    with pytest.raises(ValueError) as e:
+        unet_fields(dict(DDPM_LIKE, attention_head_dim=24, norm_num_groups=None))
+    assert "attention_head_dim=24 does not divide the widths [32, 64]" in str(e.value)
+    assert "norm_num_groups=None" in str(e.value)
 
 
 def test_ddpm_cifar10_config_maps_to_the_ddpm_unet():
@@ -145,7 +149,8 @@ def test_ddpm_cifar10_config_maps_to_the_ddpm_unet():
               "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
     fields = unet_fields(config)
     default = build({"name": "unet"})
-    assert fields.pop("out_channels") == 3  # jaxdiff's default: None, the input's channels
+    assert fields["out_channels"] is None  # 3 = in_channels: jaxdiff's default, the input's channels
     for k, v in fields.items():
         if k not in ("name", "dropout"):
             assert getattr(default, k) == v, k
+    assert unet_fields(dict(config, act_fn="swish")) == fields  # diffusers' alias of silu
