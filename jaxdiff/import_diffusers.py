@@ -121,9 +121,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a new --workdir")
 
-    fields, params, (height, width, channels) = load_unet(unet_dir)
-    if height != width:
-        raise ValueError(f"only square images: sample_size {height}x{width}")
+    fields, params, (height, width, channels) = load_unet(unet_dir)  # unet_fields refuses non-square
     with open(sched_path) as f:
         scheduler = json.load(f)
     process, prediction, sample = scheduler_settings(scheduler)
