@@ -4,7 +4,10 @@
 learned sigma output channels (jaxdiff trains the mean half).
 
 Shapes only here: jaxdiff does not ship an ImageNet latent dataset. ``data.tfds_name`` must name
-a prepared TFDS dataset of 32x32x4 latents (scaled by 0.18215) with labels."""
+a prepared TFDS dataset of 32x32x4 latents (scaled by 0.18215) with labels (the encoder:
+``jaxdiff.nets.vae.AutoencoderKL.encode``). Samples are latents; with ``sample.vae`` set to a
+local copy of the SD VAE (diffusers' ``AutoencoderKL`` folder, e.g. ``stabilityai/sd-vae-ft-ema``)
+``jaxdiff sample`` / ``eval`` decode them to 256x256 images, as DiT does."""
 
 from jaxdiff.config_base import base_config
 

@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.params = ""                # "" = first EMA copy; "params" = raw params; or an EMA name
     c.sample.grid = ""                  # time grid kind (schedules.GRID_KINDS); "" = the process's default
     c.sample.clip_denoised = 0.0        # ddpm / ddim: clip x0_hat to +-this (diffusers' clip_sample); 0 = off
+    c.sample.vae = ""                   # latent models: a local diffusers AutoencoderKL folder whose decoder
+                                        # turns samples into images (grids, eval); "" = samples are images
     # classifier-free guidance (class-conditional models; jaxdiff.guidance): scale 1 = the
     # conditional model alone (one model call), 0 = unconditional; interval (lo, hi) guides only
     # where sigma/alpha is in (lo, hi] (() = every step); rescale = CFG-rescale phi (0 = off)

@@ -6,7 +6,9 @@ the first reuses the executable.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,10 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     Classifier-free guidance follows ``config.sample.guidance_*`` (or ``guidance_override``, e.g.
     ``{"scale": 3.0}``); at scale 1 the conditional model runs alone. The time grid is
     ``grid_kind``, else ``config.sample.grid``, else the process's default; ``ddpm`` and ``ddim``
-    clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say)."""
+    clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say).
+    With ``config.sample.vae`` (a diffusers ``AutoencoderKL`` folder) the samples are latents and
+    the function returns their decoding, ``decode(latents / scaling_factor)``, in the same jit
+    (Rombach et al. 2022; DiT's sampling)."""
     fn = samplers.get(sampler)
     process = build_process(config)
     sc = config.get("sample") or {}
@@ -57,7 +62,9 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
         raise ValueError(f"sample.guidance_scale={g['scale']} needs a class-conditional model "
                          "(model.num_classes > 0 trained with diffusion.class_dropout > 0); this one is unconditional")
 
-    def sample(params, key, y):
+    vae = _vae(sc.get("vae", ""))
+
+    def sample(params, key, y, vae_params=None):
         k_init, k_sampler = jax.random.split(key)
         x = jax.lax.with_sharding_constraint(grid.prior_sample(k_init, shape), out_sharding)
         if guided and y is None:
@@ -69,9 +76,35 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
                 interval=g["interval"], rescale=g["rescale"], process=process)
         else:
             d = denoiser(config, model, params, y)
-        return fn(d, x, grid, key=k_sampler, **options)
+        x = fn(d, x, grid, key=k_sampler, **options)
+        if vae is not None:  # latent diffusion: decode latents / scaling_factor to images
+            x = vae.model.apply({"params": vae_params}, x / vae.scaling_factor, method=vae.model.decode)
+        return x
 
-    return compile_options.jit(sample, out_shardings=out_sharding)
+    jitted = compile_options.jit(sample, out_shardings=out_sharding)
+    if vae is None:
+        return jitted
+    vae_params = _on_mesh(vae.params, mesh)  # an argument, not a constant baked into the program
+    return lambda params, key, y: jitted(params, key, y, vae_params)
+
+
+class _VAE(NamedTuple):
+    model: Any
+    params: Any
+    scaling_factor: float
+
+
+@functools.lru_cache(maxsize=2)
+def _vae(path: str) -> _VAE | None:
+    """``config.sample.vae``: a local diffusers ``AutoencoderKL`` folder (e.g. a copy of
+    ``stabilityai/sd-vae-ft-ema``) whose decoder turns sampled latents into images; "" = none."""
+    if not path:
+        return None
+    from jaxdiff.nets.from_diffusers import load_vae
+    from jaxdiff.nets.vae import AutoencoderKL
+
+    fields, params, scaling = load_vae(path)
+    return _VAE(AutoencoderKL(**fields), params, scaling)
 
 
 def _on_mesh(params, mesh):

@@ -28,7 +28,8 @@ import numpy as np
 
 from .layers import group_norm_groups
 
-__all__ = ["UNET2D_DEFAULTS", "unet_fields", "unet_params", "image_shape", "load_unet", "load_state_dict"]
+__all__ = ["UNET2D_DEFAULTS", "unet_fields", "unet_params", "image_shape", "load_unet", "load_state_dict",
+           "AUTOENCODER_KL_DEFAULTS", "vae_fields", "vae_params", "load_vae"]
 
 # ``UNet2DModel.__init__`` defaults (diffusers 0.42): a config.json written by an older diffusers
 # omits the keys added since, and diffusers fills them in with these.
@@ -231,7 +232,20 @@ def unet_params(state_dict: Mapping[str, Any], fields: Mapping[str, Any], image_
     x = jnp.zeros((1, image_size, image_size, sd["conv_in.weight"].shape[1]))
     y = jnp.zeros((1,), jnp.int32) if kwargs.get("num_classes") else None
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), y))["params"]
-    modules = _module_map(fields)
+    return _map_state_dict(shapes, _module_map(fields), sd, f"UNet({_kwargs_str(kwargs)})")
+
+
+def _kwargs_str(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _map_state_dict(shapes, modules: Mapping[str, tuple[str, str]], sd: dict, what: str) -> dict:
+    """The params tree of ``shapes`` filled from the state dict ``sd``: each jaxdiff module (the
+    longest prefix of a param path in ``modules``) is the diffusers module ``modules`` names,
+    its submodules and leaves renamed by ``_INNER`` / ``_LEAF`` and converted by
+    :func:`_convert_leaf`. Raises ValueError listing missing, unused and misshapen arrays."""
+    import jax
+
     used, missing, errors = set(), [], []
 
     def fetch(path: tuple[str, ...], shape):
@@ -261,12 +275,112 @@ def unet_params(state_dict: Mapping[str, Any], fields: Mapping[str, Any], image_
         lambda p, s: fetch(tuple(str(getattr(k, "key", k)) for k in p), s.shape), shapes)
     unused = sorted(set(sd) - used)
     if missing or unused or errors:
-        lines = ["the state dict does not fit UNet(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + "):"]
-        for what, items in (("missing", missing), ("unused", unused), ("wrong shape", errors)):
+        lines = [f"the state dict does not fit {what}:"]
+        for kind, items in (("missing", missing), ("unused", unused), ("wrong shape", errors)):
             if items:
-                lines.append(f"{len(items)} {what}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                lines.append(f"{len(items)} {kind}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
         raise ValueError("\n".join(lines))
     return params
+
+
+# ------------------------------------------------------------------------------------------------
+# AutoencoderKL (the latent-diffusion VAE)
+# ------------------------------------------------------------------------------------------------
+
+AUTOENCODER_KL_DEFAULTS: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+    up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), layers_per_block=1, act_fn="silu",
+    latent_channels=4, norm_num_groups=32, sample_size=32, scaling_factor=0.18215, shift_factor=None,
+    latents_mean=None, latents_std=None, force_upcast=True, use_quant_conv=True, use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
+
+
+def vae_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    """``(AutoencoderKL fields, scaling_factor)`` of a diffusers ``AutoencoderKL`` config.
+
+    Raises ValueError naming each setting jaxdiff's :class:`~jaxdiff.nets.vae.AutoencoderKL`
+    does not have (other block types, a shift factor or per-channel latent statistics, different
+    in / out channels, only one of the quant convs, ...)."""
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise ValueError(f"expected a diffusers AutoencoderKL config, got _class_name={cls!r}")
+    c = {**AUTOENCODER_KL_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    chans = [int(v) for v in c["block_out_channels"]]
+    bad = []
+    if any(b != "DownEncoderBlock2D" for b in c["down_block_types"]) or len(c["down_block_types"]) != len(chans):
+        bad.append(f"down_block_types {list(c['down_block_types'])}: only DownEncoderBlock2D, one per width")
+    if any(b != "UpDecoderBlock2D" for b in c["up_block_types"]) or len(c["up_block_types"]) != len(chans):
+        bad.append(f"up_block_types {list(c['up_block_types'])}: only UpDecoderBlock2D, one per width")
+    if c["act_fn"] not in ("silu", "swish"):
+        bad.append(f"act_fn={c['act_fn']!r} (only 'silu')")
+    if int(c["out_channels"]) != int(c["in_channels"]):
+        bad.append(f"out_channels={c['out_channels']} != in_channels={c['in_channels']}")
+    if bool(c["use_quant_conv"]) != bool(c["use_post_quant_conv"]):
+        bad.append("use_quant_conv and use_post_quant_conv differ")
+    for key in ("shift_factor", "latents_mean", "latents_std"):
+        if c[key] is not None:
+            bad.append(f"{key}={c[key]!r} (only None: latents are scaled by scaling_factor alone)")
+    groups = c["norm_num_groups"]
+    if not (isinstance(groups, int) and groups > 0):
+        bad.append(f"norm_num_groups={groups!r} (a positive number of groups)")
+    elif any(group_norm_groups(ch, groups) != groups for ch in chans):
+        bad.append(f"GroupNorm over {chans} channels in {groups} groups: jaxdiff keeps >= 4 channels per group")
+    if bad:
+        raise ValueError("this AutoencoderKL has settings jaxdiff's does not:\n  " + "\n  ".join(bad))
+    fields = dict(in_channels=int(c["in_channels"]), latent_channels=int(c["latent_channels"]),
+                  block_out_channels=tuple(chans), layers_per_block=int(c["layers_per_block"]),
+                  norm_groups=groups, norm_eps=1e-6, mid_attention=bool(c["mid_block_add_attention"]),
+                  quant_convs=bool(c["use_quant_conv"]))
+    return fields, float(c["scaling_factor"])
+
+
+def _vae_module_map(fields: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    n, layers = len(fields["block_out_channels"]), int(fields["layers_per_block"])
+    out = {}
+    for part in ("encoder", "decoder"):
+        out.update({f"{part}/conv_in": (f"{part}.conv_in", "conv"), f"{part}/conv_out": (f"{part}.conv_out", "conv"),
+                    f"{part}/norm_out": (f"{part}.conv_norm_out", "norm"),
+                    f"{part}/mid/mid_block_1": (f"{part}.mid_block.resnets.0", "resnet"),
+                    f"{part}/mid/mid_attn_1": (f"{part}.mid_block.attentions.0", "attn"),
+                    f"{part}/mid/mid_block_2": (f"{part}.mid_block.resnets.1", "resnet")})
+    out["encoder/quant_conv"] = ("quant_conv", "conv")
+    out["decoder/post_quant_conv"] = ("post_quant_conv", "conv")
+    for i in range(n):
+        for j in range(layers):
+            out[f"encoder/down_{i}_block_{j}"] = (f"encoder.down_blocks.{i}.resnets.{j}", "resnet")
+        out[f"encoder/down_{i}_downsample"] = (f"encoder.down_blocks.{i}.downsamplers.0.conv", "conv")
+        for j in range(layers + 1):
+            out[f"decoder/up_{i}_block_{j}"] = (f"decoder.up_blocks.{i}.resnets.{j}", "resnet")
+        out[f"decoder/up_{i}_upsample"] = (f"decoder.up_blocks.{i}.upsamplers.0.conv", "conv")
+    return out
+
+
+def vae_params(state_dict: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+    """Flax params (``{"encoder", "decoder"}``) of ``AutoencoderKL(**fields)`` from a diffusers
+    ``AutoencoderKL`` state dict; every array used and every parameter found, as
+    :func:`unet_params`."""
+    import jax
+    import jax.numpy as jnp
+
+    from .vae import AutoencoderKL
+
+    model = AutoencoderKL(**fields)
+    size = 2 ** (len(fields["block_out_channels"]) - 1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, fields["in_channels"]))))
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    return _map_state_dict(shapes["params"], _vae_module_map(fields), sd, f"AutoencoderKL({_kwargs_str(fields)})")
+
+
+def load_vae(model_dir: str) -> tuple[dict[str, Any], dict, float]:
+    """``(fields, params, scaling_factor)`` of the diffusers ``AutoencoderKL`` saved in
+    ``model_dir`` (``config.json`` and weights); ``jaxdiff.nets.vae.AutoencoderKL(**fields)``."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {model_dir} (expected a diffusers AutoencoderKL folder)")
+    with open(path) as f:
+        fields, scaling = vae_fields(json.load(f))
+    return fields, vae_params(load_state_dict(model_dir), fields), scaling
 
 
 def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:

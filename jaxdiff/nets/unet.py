@@ -89,7 +89,8 @@ class ResnetBlock(nn.Module):
     """DDPM residual block (``resnet_block`` of the TF reference).
 
     ``GroupNorm -> swish -> conv3x3 -> + Dense(swish(temb)) -> GroupNorm -> swish -> dropout ->
-    conv3x3 (zero init)``, plus a 1x1 ``nin_shortcut`` when the channel count changes.
+    conv3x3 (zero init)``, plus a 1x1 ``nin_shortcut`` when the channel count changes. With
+    ``temb=None`` there is no time-embedding projection (the blocks of a VAE, :mod:`.vae`).
     With ``resample="down"/"up"`` it is ADM's up/down-sampling residual block: after the first
     norm/activation both branches are average-pooled / nearest-upsampled by 2.
     """
@@ -104,7 +105,7 @@ class ResnetBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array | None, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         nkw = dict(kw, epsilon=self.norm_eps)
         c_in = x.shape[-1]
@@ -116,7 +117,8 @@ class ResnetBlock(nn.Module):
         elif self.resample is not None:
             raise ValueError(f"resample must be None, 'down' or 'up', got {self.resample!r}")
         h = _conv(self.out_ch, "conv1", conv_impl=self.conv_impl, **kw)(h)
-        h = h + _dense(self.out_ch, "temb_proj", **kw)(nn.swish(temb))[:, None, None, :]
+        if temb is not None:
+            h = h + _dense(self.out_ch, "temb_proj", **kw)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(Norm32(self.norm_groups, **nkw, name="norm2")(h))
         h = Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, "conv2", zero_init=True, conv_impl=self.conv_impl, **kw)(h)

@@ -1,0 +1,48 @@
+"""``config.sample.vae``: sampling a latent model returns decoded images, ``decode(latents /
+scaling_factor)`` by the configured diffusers ``AutoencoderKL``, as diffusers decodes them."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxdiff.config_base import base_config
+from jaxdiff.generate import generate, make_sample_fn
+from jaxdiff.modeling import build_model
+from tests.nets.test_vae import SMALL
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+
+def test_latent_samples_are_decoded_as_diffusers_decodes_them(tmp_path):
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**SMALL).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+
+    c = base_config()
+    c.data.image_size, c.data.channels = 4, 4  # 4x4x4 latents -> 16x16x3 images (SMALL: 3 levels)
+    c.model = ml_collections.ConfigDict(dict(name="unet", ch=16, ch_mult=(1,), num_res_blocks=1,
+                                             attn_resolutions=(), dropout=0.0))
+    model = build_model(c)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,)))["params"]
+    params = jax.tree.map(lambda p: p + 0.05, params)  # away from the zero-initialised output conv
+    key = jax.random.PRNGKey(3)
+    latents = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, key, None))
+
+    c.sample.vae = str(tmp_path / "vae")
+    images = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, key, None))
+    assert images.shape == (2, 16, 16, 3)
+    with torch.no_grad():
+        z = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()) / SMALL["scaling_factor"]
+        want = ref.decode(z).sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(images - want).max() / np.abs(want).max() < 1e-5
+    # generate (what `jaxdiff sample` and the trainer's end-of-run grid use): batch b's key is fold_in(key, b)
+    first = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, jax.random.fold_in(key, 0), None))
+    np.testing.assert_array_equal(generate(c, model, params, 2, key, sampler="ddim", num_steps=3, batch_size=2,
+                                           progress=False), first)
+    assert first.shape == (2, 16, 16, 3)
