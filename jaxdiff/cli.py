@@ -6,11 +6,13 @@
     jaxdiff eval   --workdir runs/cifar10 --num-samples 50000 --sampler dpmpp_2m --steps 25 --ref cifar10_train.npz
     jaxdiff eval   --workdir runs/digits --num-samples 1000 --features digits
     jaxdiff import --diffusers ddpm-cifar10-32 --workdir runs/ddpm_cifar10 [--config configs/cifar10_ddpm.py]
+    jaxdiff import --diffusers DiT-XL-2-256 --workdir runs/dit_xl2   # transformer/ + vae/ + scheduler/
 
 ``train`` on a workdir that already has a checkpoint resumes it. ``sample`` and ``eval`` rebuild
 the model from the config saved with the latest checkpoint and sample with its EMA parameters,
 on this process's devices (whatever number of devices trained it). ``import`` turns a local copy
-of a diffusers DDPM pipeline (``UNet2DModel`` + scheduler config) into such a workdir
+of a diffusers DDPM or DiT pipeline (``UNet2DModel`` or ``DiTTransformer2DModel``, VAE, scheduler
+config) into such a workdir
 (:mod:`jaxdiff.import_diffusers`).
 """
 
@@ -47,8 +49,9 @@ flags.DEFINE_enum("features", "inception", ["inception", "digits"], "eval/stats:
 flags.DEFINE_string("inception_weights", None, "Converted Inception weights .npz (default: $JAXDIFF_INCEPTION_WEIGHTS).")
 flags.DEFINE_string("split", "train", "stats: dataset split of --config's data.")
 flags.DEFINE_bool("save_features", False, "stats: also store all features (enables KID and precision/recall in eval).")
-flags.DEFINE_string("diffusers", None, "import: a local diffusers pipeline folder (unet/ + scheduler/, or the flat "
-                    "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json layout).")
+flags.DEFINE_string("diffusers", None, "import: a local diffusers pipeline folder (unet/ + scheduler/, the flat "
+                    "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json layout, or "
+                    "transformer/ + vae/ + scheduler/ of DiT).")
 
 COMMANDS = ("train", "sample", "eval", "stats", "import")
 

@@ -1,12 +1,15 @@
-"""``jaxdiff import``: a diffusers DDPM pipeline folder -> a jaxdiff workdir.
+"""``jaxdiff import``: a diffusers DDPM or DiT pipeline folder -> a jaxdiff workdir.
 
 A pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``, or the older flat
 layout of ``google/ddpm-cifar10-32``: ``config.json``, ``diffusion_pytorch_model.safetensors``
-and ``scheduler_config.json`` side by side) becomes a workdir that ``jaxdiff sample``,
+and ``scheduler_config.json`` side by side; or DiT's ``transformer/``, ``vae/`` and
+``scheduler/``, as ``facebook/DiT-XL-2-256``) becomes a workdir that ``jaxdiff sample``,
 ``jaxdiff eval`` and ``jaxdiff train`` (fine-tuning from step 0) read like one that jaxdiff
 trained:
 
-* the network: :mod:`jaxdiff.nets.from_diffusers` (``UNet2DModel`` -> jaxdiff ``UNet``);
+* the network: :mod:`jaxdiff.nets.from_diffusers` (``UNet2DModel`` -> jaxdiff ``UNet``,
+  ``DiTTransformer2DModel`` -> jaxdiff ``DiT``); a ``vae/`` becomes ``config.sample.vae``, so
+  samples are decoded to images;
 * the forward process: the scheduler config's betas (``beta_schedule``, ``beta_start``,
   ``beta_end``, ``num_train_timesteps``, ``trained_betas``, ``rescale_betas_zero_snr``) as
   jaxdiff's ``discrete_vp``, whose time is diffusers' timestep, and its ``prediction_type``;
@@ -105,15 +108,17 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     from jaxdiff.checkpoint import CheckpointManager, config_to_json
     from jaxdiff.config_base import base_config
     from jaxdiff.modeling import build_model
-    from jaxdiff.nets.from_diffusers import load_unet
+    from jaxdiff.nets.from_diffusers import load_dit, load_unet
     from jaxdiff.train.loop import abstract_train_state, make_init_fn
     from jaxdiff.train.state import make_optimizer
 
+    dit_dir = os.path.dirname(_find(model_dir, "transformer/config.json") or "") or None
     unet_dir = os.path.dirname(_find(model_dir, "unet/config.json", "config.json") or "") or None
+    vae_dir = os.path.dirname(_find(model_dir, "vae/config.json") or "") or None
     sched_path = _find(model_dir, "scheduler/scheduler_config.json", "scheduler_config.json")
-    if unet_dir is None:
-        raise FileNotFoundError(f"no unet/config.json or config.json in {model_dir}: expected a diffusers "
-                                "pipeline folder (a local copy; nothing is downloaded)")
+    if dit_dir is None and unet_dir is None:
+        raise FileNotFoundError(f"no transformer/config.json, unet/config.json or config.json in {model_dir}: "
+                                "expected a diffusers pipeline folder (a local copy; nothing is downloaded)")
     if sched_path is None:
         raise FileNotFoundError(f"no scheduler/scheduler_config.json or scheduler_config.json in {model_dir}: "
                                 "the forward process (betas, prediction type) comes from it")
@@ -121,7 +126,12 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a new --workdir")
 
-    fields, params, (height, width, channels) = load_unet(unet_dir)  # unet_fields refuses non-square
+    if dit_dir is not None:  # DiT (facebook/DiT-XL-2-256's layout: transformer/ + vae/ + scheduler/)
+        fields, params = load_dit(dit_dir)
+        height = width = fields["input_size"]
+        channels = fields["in_channels"]
+    else:
+        fields, params, (height, width, channels) = load_unet(unet_dir)  # unet_fields refuses non-square
     with open(sched_path) as f:
         scheduler = json.load(f)
     process, prediction, sample = scheduler_settings(scheduler)
@@ -137,6 +147,8 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         config.diffusion.process = ml_collections.ConfigDict(process)
         config.diffusion.prediction = prediction
         config.sample.grid, config.sample.clip_denoised = sample["grid"], sample["clip_denoised"]
+        if vae_dir is not None:  # latent model: sample / eval decode with the pipeline's VAE
+            config.sample.vae = os.path.abspath(vae_dir)
 
     model = build_model(config)
     tx = make_optimizer(config)
@@ -158,7 +170,8 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     return {
         "workdir": workdir,
         "checkpoint": os.path.join(ckpt_dir, "0"),
-        "unet": unet_dir,
+        "network": dit_dir or unet_dir,
+        "vae": config.sample.get("vae", ""),
         "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
         "image_shape": [height, width, channels],
         "process": process if "trained_betas" not in process else {**process, "trained_betas": "..."},

@@ -129,3 +129,25 @@ def test_scheduler_settings():
                        ({"steps_offset": 1}, "steps_offset=1")):
         with pytest.raises(ValueError, match=match):
             scheduler_settings(bad)
+
+
+def test_dit_pipeline_imports_with_its_vae(tmp_path):
+    """facebook/DiT-XL-2-256's layout: transformer/ + vae/ + scheduler/ -> a DiT workdir whose
+    samples are decoded by the VAE (32x32 images from 8x8x4 latents here)."""
+    from tests.nets.test_from_diffusers import save_random_dit
+    from tests.nets.test_vae import SMALL
+
+    save_random_dit(tmp_path / "pipe" / "transformer")
+    torch.manual_seed(1)
+    diffusers.AutoencoderKL(**SMALL).save_pretrained(str(tmp_path / "pipe" / "vae"), safe_serialization=True)
+    diffusers.DDIMScheduler(clip_sample=False).save_pretrained(str(tmp_path / "pipe" / "scheduler"))
+    summary = import_pipeline(str(tmp_path / "pipe"), str(tmp_path / "wd"))
+    assert summary["vae"] == str((tmp_path / "pipe" / "vae").resolve())
+    assert summary["sample"] == {"grid": "leading", "clip_denoised": 0.0}
+
+    from jaxdiff.generate import make_sample_fn
+
+    config, model, params, _ = restore_for_sampling(str(tmp_path / "wd"))
+    assert config.model.name == "dit" and config.model.learn_sigma and config.data.channels == 4
+    images = make_sample_fn(config, model, "ddim", 2, 2)(params, jax.random.PRNGKey(0), jnp.array([0, 1]))
+    assert images.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(images)))

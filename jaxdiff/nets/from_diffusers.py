@@ -29,6 +29,7 @@ import numpy as np
 from .layers import group_norm_groups
 
 __all__ = ["UNET2D_DEFAULTS", "unet_fields", "unet_params", "image_shape", "load_unet", "load_state_dict",
+           "DIT_DEFAULTS", "dit_fields", "dit_params", "load_dit",
            "AUTOENCODER_KL_DEFAULTS", "vae_fields", "vae_params", "load_vae"]
 
 # ``UNet2DModel.__init__`` defaults (diffusers 0.42): a config.json written by an older diffusers
@@ -281,6 +282,125 @@ def _map_state_dict(shapes, modules: Mapping[str, tuple[str, str]], sd: dict, wh
                 lines.append(f"{len(items)} {kind}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
         raise ValueError("\n".join(lines))
     return params
+
+
+# ------------------------------------------------------------------------------------------------
+# DiTTransformer2DModel
+# ------------------------------------------------------------------------------------------------
+
+DIT_DEFAULTS: dict[str, Any] = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None, num_layers=28,
+    dropout=0.0, norm_num_groups=32, attention_bias=True, sample_size=32, patch_size=2,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, upcast_attention=False,
+    norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-5,
+)
+
+
+def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """jaxdiff ``DiT`` fields (plus ``"name": "dit"``) of a diffusers ``DiTTransformer2DModel``
+    config (the layout of ``facebook/DiT-XL-2-256``'s ``transformer/``).
+
+    jaxdiff's DiT is the original (``facebookresearch/DiT``) network, which diffusers' port
+    deviates from in two small ways: its timestep embedding uses ``downscale_freq_shift=1``
+    (frequencies ``exp(-ln(1e4) i / 127)`` instead of ``/ 128``) and the LayerNorm before each MLP
+    has ``eps=norm_eps`` (1e-5) instead of 1e-6. Imported weights run here as the original
+    network they were trained in (``tests/nets/test_from_diffusers.py`` compares with diffusers
+    set to the original's two values, and measures the deviation)."""
+    cls = config.get("_class_name", "DiTTransformer2DModel")
+    if cls not in ("DiTTransformer2DModel", "Transformer2DModel"):
+        raise ValueError(f"expected a diffusers DiTTransformer2DModel config, got _class_name={cls!r}")
+    c = {**DIT_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    cin = int(c["in_channels"])
+    out = int(c["out_channels"] or cin)
+    bad = []
+    for key, want in (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"),
+                      ("attention_bias", True), ("norm_elementwise_affine", False)):
+        if c[key] != want:
+            bad.append(f"{key}={c[key]!r} (only {want!r})")
+    if out not in (cin, 2 * cin):
+        bad.append(f"out_channels={out}: only in_channels or 2 * in_channels (learned sigma)")
+    if not c["num_embeds_ada_norm"]:
+        bad.append("num_embeds_ada_norm is not set (jaxdiff's DiT is class-conditional here)")
+    if bad:
+        raise ValueError("this DiTTransformer2DModel has settings jaxdiff's DiT does not:\n  " + "\n  ".join(bad))
+    heads = int(c["num_attention_heads"])
+    return dict(name="dit", input_size=int(c["sample_size"]), patch_size=int(c["patch_size"]), in_channels=cin,
+                hidden_size=heads * int(c["attention_head_dim"]), depth=int(c["num_layers"]), num_heads=heads,
+                mlp_ratio=4.0, num_classes=int(c["num_embeds_ada_norm"]), learn_sigma=out == 2 * cin)
+
+
+def dit_params(state_dict: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+    """Flax params of ``DiT(**fields)`` from a ``DiTTransformer2DModel`` state dict.
+
+    diffusers keeps a copy of the timestep / label embedders in every block (all equal in the
+    converted DiT checkpoints); jaxdiff's DiT has one, so the copies must be equal (else
+    ValueError). q, k, v are fused into one ``qkv`` kernel ([q | k | v], as DiT's timm attention).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from . import build
+
+    kwargs = {k: v for k, v in fields.items() if k != "name"}
+    model = build({"name": "dit", **kwargs})
+    n = int(kwargs["input_size"])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, n, n, kwargs["in_channels"])),
+                                               jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))["params"]
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    used = set()
+
+    def get(key):
+        if key not in sd:
+            raise ValueError(f"the state dict does not fit DiT({_kwargs_str(kwargs)}): no {key}")
+        used.add(key)
+        return sd[key]
+
+    def dense(prefix):
+        return {"kernel": get(prefix + ".weight").T, "bias": get(prefix + ".bias")}
+
+    emb = "transformer_blocks.{}.norm1.emb."
+    for i in range(1, int(kwargs["depth"])):  # the per-block copies of the conditioning embedders
+        for name in ("timestep_embedder.linear_1.weight", "timestep_embedder.linear_1.bias",
+                     "timestep_embedder.linear_2.weight", "timestep_embedder.linear_2.bias",
+                     "class_embedder.embedding_table.weight"):
+            if not np.array_equal(get(emb.format(i) + name), get(emb.format(0) + name)):
+                raise ValueError(f"block {i}'s {name} differs from block 0's: jaxdiff's DiT shares one "
+                                 "timestep / label embedder (as the original DiT)")
+    out = {"x_embedder": {"kernel": get("pos_embed.proj.weight").transpose(2, 3, 1, 0),
+                          "bias": get("pos_embed.proj.bias")},
+           "t_embedder": {"dense0": dense(emb.format(0) + "timestep_embedder.linear_1"),
+                          "dense1": dense(emb.format(0) + "timestep_embedder.linear_2")},
+           "y_embedder": {"embedding_table": {"embedding": get(emb.format(0) + "class_embedder.embedding_table.weight")}},
+           "final_layer": {"adaLN_modulation": dense("proj_out_1"), "linear": dense("proj_out_2")}}
+    for i in range(int(kwargs["depth"])):
+        b = f"transformer_blocks.{i}."
+        q, k, v = (dense(b + f"attn1.to_{x}") for x in "qkv")
+        out[f"blocks_{i}"] = {
+            "adaLN_modulation": dense(b + "norm1.linear"),
+            "qkv": {"kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
+                    "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])},
+            "proj": dense(b + "attn1.to_out.0"), "fc1": dense(b + "ff.net.0.proj"), "fc2": dense(b + "ff.net.2")}
+    unused = sorted(set(sd) - used - {"pos_embed.pos_embed"})  # diffusers' fixed position table
+    if unused:
+        raise ValueError(f"the state dict does not fit DiT({_kwargs_str(kwargs)}): {len(unused)} unused: "
+                         + ", ".join(unused[:12]))
+    want = {jax.tree_util.keystr(k): s.shape for k, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    got = {jax.tree_util.keystr(k): a.shape for k, a in jax.tree_util.tree_flatten_with_path(out)[0]}
+    if want != got:
+        differ = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(f"the state dict does not fit DiT({_kwargs_str(kwargs)}): "
+                         + ", ".join(f"{k}: {got.get(k)} vs {want.get(k)}" for k in differ[:12]))
+    return out
+
+
+def load_dit(model_dir: str) -> tuple[dict[str, Any], dict]:
+    """``(fields, params)`` of the ``DiTTransformer2DModel`` saved in ``model_dir``."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {model_dir} (expected a diffusers DiTTransformer2DModel folder)")
+    with open(path) as f:
+        fields = dit_fields(json.load(f))
+    return fields, dit_params(load_state_dict(model_dir), fields)
 
 
 # ------------------------------------------------------------------------------------------------
