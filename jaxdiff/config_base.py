@@ -167,6 +167,7 @@ def check_config(config) -> None:
         from jaxdiff.train.state import resolve_decay_steps
 
         resolve_decay_steps(config)  # raises if a cosine decay would end within the warmup
+    check_sample_vae(config)
     if d.get("dim"):
         return
     size, channels, name = int(d.image_size), int(d.channels), str(m.name).lower()
@@ -187,3 +188,29 @@ def check_config(config) -> None:
         patch = m.get("patch_size") or (str(m.variant).rsplit("/", 1)[-1] if m.get("variant") else None)
         if patch and size % int(patch):
             raise ValueError(f"config.data.image_size={size} is not divisible by config.model.patch_size={patch}")
+
+
+def check_sample_vae(config) -> None:
+    """``config.sample.vae``, if set, is a diffusers ``AutoencoderKL`` folder whose latents have
+    the data's channels (reads its ``config.json`` only); ValueError / FileNotFoundError naming
+    the key otherwise."""
+    import json
+    import os
+
+    path = (config.get("sample") or {}).get("vae", "")
+    if not path:
+        return
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"config.sample.vae={path!r}: no config.json there (expected a local diffusers "
+                                "AutoencoderKL folder)")
+    from jaxdiff.nets.from_diffusers import vae_fields
+
+    with open(cfg) as f:
+        try:
+            fields, _ = vae_fields(json.load(f))
+        except ValueError as e:
+            raise ValueError(f"config.sample.vae={path!r}: {e}") from None
+    if not config.data.get("dim") and fields["latent_channels"] != int(config.data.channels):
+        raise ValueError(f"config.sample.vae={path!r} decodes {fields['latent_channels']}-channel latents but the "
+                         f"model's samples have config.data.channels={int(config.data.channels)}")

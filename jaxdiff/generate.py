@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff import compile_options, guidance, parallel, samplers
+from jaxdiff.config_base import check_sample_vae
 from jaxdiff.modeling import build_process, conditional_denoiser, data_shape, denoiser, null_labels, num_classes
 from jaxdiff.schedules import make_grid
 
@@ -37,7 +38,8 @@ def guidance_settings(config, override: dict | None = None) -> dict:
 
 def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, grid_kind=None,
                    mesh=None, guidance_override: dict | None = None, **options):
-    """``sample(params, key, y) -> images`` for one batch, jitted; images sharded over the mesh.
+    """``sample(params, key, y) -> images`` for one batch, jitted (``.lower`` works); images
+    sharded over the mesh.
 
     Classifier-free guidance follows ``config.sample.guidance_*`` (or ``guidance_override``, e.g.
     ``{"scale": 3.0}``); at scale 1 the conditional model runs alone. The time grid is
@@ -45,7 +47,8 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say).
     With ``config.sample.vae`` (a diffusers ``AutoencoderKL`` folder) the samples are latents and
     the function returns their decoding, ``decode(latents / scaling_factor)``, in the same jit
-    (Rombach et al. 2022; DiT's sampling)."""
+    (Rombach et al. 2022; DiT's sampling): the whole batch is decoded at once, so the batch size
+    bounds the decoder's activation memory too."""
     fn = samplers.get(sampler)
     process = build_process(config)
     sc = config.get("sample") or {}
@@ -62,6 +65,7 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
         raise ValueError(f"sample.guidance_scale={g['scale']} needs a class-conditional model "
                          "(model.num_classes > 0 trained with diffusion.class_dropout > 0); this one is unconditional")
 
+    check_sample_vae(config)  # the VAE's latents have the data's channels (a clear error, not Flax's)
     vae = _vae(sc.get("vae", ""))
 
     def sample(params, key, y, vae_params=None):
@@ -84,8 +88,21 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     jitted = compile_options.jit(sample, out_shardings=out_sharding)
     if vae is None:
         return jitted
-    vae_params = _on_mesh(vae.params, mesh)  # an argument, not a constant baked into the program
-    return lambda params, key, y: jitted(params, key, y, vae_params)
+    return _WithVAEParams(jitted, _on_mesh(vae.params, mesh))
+
+
+class _WithVAEParams:
+    """The jitted sampler with the VAE's params as its last argument (not constants baked into
+    the program): ``(params, key, y)`` like the plain one, and ``lower`` likewise."""
+
+    def __init__(self, jitted, vae_params):
+        self.jitted, self.vae_params = jitted, vae_params
+
+    def __call__(self, params, key, y):
+        return self.jitted(params, key, y, self.vae_params)
+
+    def lower(self, params, key, y):
+        return self.jitted.lower(params, key, y, self.vae_params)
 
 
 class _VAE(NamedTuple):

@@ -106,7 +106,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
 
     from jaxdiff import parallel
     from jaxdiff.checkpoint import CheckpointManager, config_to_json
-    from jaxdiff.config_base import base_config
+    from jaxdiff.config_base import base_config, check_sample_vae
     from jaxdiff.modeling import build_model
     from jaxdiff.nets.from_diffusers import load_dit, load_unet
     from jaxdiff.train.loop import abstract_train_state, make_init_fn
@@ -150,6 +150,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         if vae_dir is not None:  # latent model: sample / eval decode with the pipeline's VAE
             config.sample.vae = os.path.abspath(vae_dir)
 
+    check_sample_vae(config)
     model = build_model(config)
     tx = make_optimizer(config)
     mesh = parallel.make_mesh(-1, 1)

@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff.config_base import base_config
+from jaxdiff.config_base import base_config, check_config
 from jaxdiff.generate import generate, make_sample_fn
 from jaxdiff.modeling import build_model
+from jaxdiff.nets.vae import posterior_sample
 from tests.nets.test_vae import SMALL
 
 torch = pytest.importorskip("torch")
@@ -35,14 +36,37 @@ def test_latent_samples_are_decoded_as_diffusers_decodes_them(tmp_path):
     latents = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, key, None))
 
     c.sample.vae = str(tmp_path / "vae")
-    images = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, key, None))
+    fn = make_sample_fn(c, model, "ddim", 3, 2)
+    images = np.asarray(fn(params, key, None))
     assert images.shape == (2, 16, 16, 3)
+    assert "stablehlo" in fn.lower(params, key, None).as_text()  # lowers like the plain jitted sampler
     with torch.no_grad():
         z = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()) / SMALL["scaling_factor"]
         want = ref.decode(z).sample.numpy().transpose(0, 2, 3, 1)
     assert np.abs(images - want).max() / np.abs(want).max() < 1e-5
     # generate (what `jaxdiff sample` and the trainer's end-of-run grid use): batch b's key is fold_in(key, b)
-    first = np.asarray(make_sample_fn(c, model, "ddim", 3, 2)(params, jax.random.fold_in(key, 0), None))
+    first = np.asarray(fn(params, jax.random.fold_in(key, 0), None))
     np.testing.assert_array_equal(generate(c, model, params, 2, key, sampler="ddim", num_steps=3, batch_size=2,
                                            progress=False), first)
     assert first.shape == (2, 16, 16, 3)
+
+
+def test_sample_vae_is_checked_against_the_data(tmp_path):
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**dict(SMALL, latent_channels=3)).save_pretrained(str(tmp_path / "vae"))
+    c = base_config()
+    c.data.image_size, c.data.channels = 4, 4
+    c.model = ml_collections.ConfigDict(dict(name="unet", ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()))
+    c.sample.vae = str(tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"config.sample.vae=.* decodes 3-channel latents but .*channels=4"):
+        check_config(c)
+    c.sample.vae = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="config.sample.vae=.*no config.json"):
+        make_sample_fn(c, build_model(c), "ddim", 2, 2)
+
+
+def test_posterior_sample_has_the_posterior_moments():
+    mean = jnp.full((200_000,), 0.3)
+    logvar = jnp.full((200_000,), np.log(0.25))
+    z = np.asarray(posterior_sample(jax.random.PRNGKey(0), mean, logvar))
+    assert abs(z.mean() - 0.3) < 0.005 and abs(z.std() - 0.5) < 0.005

@@ -48,6 +48,7 @@ def test_imported_workdir_samples_like_the_diffusers_pipeline(tmp_path):
 
     process = build_process(config)
     den = denoiser(config, model, params)
+    jden = jax.jit(den)
     noise = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
 
     # one denoiser call: jaxdiff's x0_hat against diffusers' eps turned into x0 in float64
@@ -56,7 +57,7 @@ def test_imported_workdir_samples_like_the_diffusers_pipeline(tmp_path):
             eps = unet(to_torch(noise), t).sample.double().numpy().transpose(0, 2, 3, 1)
         abar = float(sched.alphas_cumprod[t])
         want = (noise - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
-        got = np.asarray(den(jnp.asarray(noise), jnp.float32(t)))
+        got = np.asarray(jden(jnp.asarray(noise), jnp.float32(t)))
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, t
 
     # DDIM, 10 steps (diffusers' default leading spacing, clip_sample=True as the scheduler says).

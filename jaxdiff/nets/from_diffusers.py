@@ -321,6 +321,11 @@ def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         bad.append(f"out_channels={out}: only in_channels or 2 * in_channels (learned sigma)")
     if not c["num_embeds_ada_norm"]:
         bad.append("num_embeds_ada_norm is not set (jaxdiff's DiT is class-conditional here)")
+    if c["patch_size"] is None or c["sample_size"] is None:
+        bad.append(f"patch_size={c['patch_size']!r}, sample_size={c['sample_size']!r}: a patched, sized model only")
+    for key in ("cross_attention_dim", "num_vector_embeds", "caption_channels"):  # Transformer2DModel's
+        if c.get(key) is not None:
+            bad.append(f"{key}={c[key]!r} (only None: no text conditioning, continuous inputs)")
     if bad:
         raise ValueError("this DiTTransformer2DModel has settings jaxdiff's DiT does not:\n  " + "\n  ".join(bad))
     heads = int(c["num_attention_heads"])

@@ -2,8 +2,8 @@
 with Latent Diffusion Models", Sec. 3 and App. G), as diffusers' ``AutoencoderKL``.
 
 The SD VAE (``stabilityai/sd-vae-ft-ema`` / ``-mse``) that DiT (Peebles & Xie 2023) trains in
-maps 256x256x3 images to 32x32x4 latents; DiT's data are ``0.18215 * mean`` of the encoder and
-its samples are decoded from ``latents / 0.18215``. Both halves are built from the U-Net's
+maps 256x256x3 images to 32x32x4 latents; DiT's data are ``0.18215 *`` a draw from the encoder's
+posterior (:func:`posterior_sample`) and its samples are decoded from ``latents / 0.18215``. Both halves are built from the U-Net's
 blocks (:mod:`.unet`: residual blocks without time embedding, single-head self-attention in the
 middle, nearest-neighbour 2x upsampling + conv3x3, stride-2 conv3x3 downsampling padded (0, 1)).
 
@@ -34,6 +34,12 @@ Dtype = Any
 def _conv(features, name, kernel=3, stride=1, padding="SAME", **kw):
     return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                 kernel_init=xavier_uniform, bias_init=zeros, name=name, **kw)
+
+
+def posterior_sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """A draw ``mean + exp(logvar / 2) * noise`` from the encoder's diagonal Gaussian posterior
+    (diffusers' ``latent_dist.sample()``)."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class _Mid(nn.Module):

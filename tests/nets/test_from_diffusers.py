@@ -215,3 +215,6 @@ def test_dit_per_block_embedders_must_agree_and_settings_are_named(tmp_path):
     with pytest.raises(ValueError) as e:
         dit_fields(dict(DIT_SMALL, norm_type="ada_norm_single", out_channels=6))
     assert "norm_type='ada_norm_single'" in str(e.value) and "out_channels=6" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        dit_fields({"_class_name": "Transformer2DModel", "patch_size": None, "cross_attention_dim": 768})
+    assert "patch_size=None" in str(e.value) and "cross_attention_dim=768" in str(e.value)
