@@ -1,4 +1,5 @@
-"""Neural networks of jaxdiff (Flax linen): DDPM/ADM :class:`UNet`, :class:`DiT`, toy :class:`MLP`.
+"""Neural networks of jaxdiff (Flax linen): DDPM/ADM :class:`UNet`, :class:`DiT`, toy :class:`MLP`;
+latent diffusion's KL autoencoder in :mod:`.vae`, diffusers weights through :mod:`.from_diffusers`.
 
 All three share one call signature::
 

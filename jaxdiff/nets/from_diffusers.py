@@ -1,4 +1,6 @@
-"""Weights of a diffusers ``UNet2DModel`` as a jaxdiff :class:`~jaxdiff.nets.UNet`.
+"""Weights of diffusers models in jaxdiff's networks: ``UNet2DModel`` -> :class:`~jaxdiff.nets.UNet`
+(below), ``DiTTransformer2DModel`` -> :class:`~jaxdiff.nets.DiT` (:func:`load_dit`) and
+``AutoencoderKL`` -> :class:`~jaxdiff.nets.vae.AutoencoderKL` (:func:`load_vae`).
 
 diffusers' ``UNet2DModel`` with plain / attention down and up blocks *is* the DDPM U-Net of Ho
 et al. 2020 (the published DDPM checkpoints ``google/ddpm-cifar10-32``, ``-celebahq-256``,
@@ -15,7 +17,8 @@ weights load into jaxdiff's UNet by renaming and transposing:
 Nothing is downloaded: the folder is a local copy. Weights are read from ``.safetensors``
 (numpy, no PyTorch needed) or, if only ``diffusion_pytorch_model.bin`` is there, with
 ``torch.load(weights_only=True)`` (never unpickling code). The output equals diffusers' forward
-pass to float32 rounding (``tests/nets/test_from_diffusers.py``).
+pass to float32 rounding (``tests/nets/test_from_diffusers.py``, ``tests/nets/test_vae.py``;
+the DiT with two documented exceptions, see :func:`dit_fields`).
 """
 
 from __future__ import annotations
