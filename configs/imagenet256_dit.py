@@ -1,7 +1,9 @@
 """DiT-XL/2 on ImageNet 256x256 in the latent space of the SD VAE, 32x32x4 (Peebles & Xie 2023):
 675M parameters, class-conditional (1000 classes + null, label dropout 0.1), linear betas
 1e-4..0.02, T = 1000, AdamW lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999,
-learned sigma output channels (jaxdiff trains the mean half).
+learned sigma: 2 x 4 output channels trained with iDDPM's L_hybrid = L_simple + L_vlb / 1000 * T
+(``diffusion.variance="learned_range"``, Nichol & Dhariwal 2021 Eq. 16), and DDPM's 250 sampling
+steps use the learned variances (iDDPM Eq. 15), as DiT's ``sample.py`` does.
 
 Shapes only here: jaxdiff does not ship an ImageNet latent dataset. ``data.tfds_name`` must name
 a prepared TFDS dataset of 32x32x4 latents (scaled by 0.18215) with labels (the encoder:
@@ -28,6 +30,7 @@ def get_config(variant: str = ""):
     c.diffusion.process = {"name": "discrete_vp", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
     c.diffusion.prediction = "epsilon"
     c.diffusion.class_dropout = 0.1
+    c.diffusion.variance = "learned_range"  # the sigma half of the outputs, trained by the bound
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.0

@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p2_gamma = 1.0
     c.diffusion.p2_k = 1.0
     c.diffusion.sigma_data = 0.5
+    c.diffusion.variance = "fixed"      # fixed | learned_range (iDDPM / DiT: 2C outputs, L_hybrid)
+    c.diffusion.vlb_weight = 0.001      # iDDPM's lambda on L_vlb under learned_range
     c.diffusion.class_dropout = 0.1     # label dropout to the null class (class-conditional models)
 
     c.optim = ml_collections.ConfigDict()
@@ -85,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.params = ""                # "" = first EMA copy; "params" = raw params; or an EMA name
     c.sample.grid = ""                  # time grid kind (schedules.GRID_KINDS); "" = the process's default
     c.sample.clip_denoised = 0.0        # ddpm / ddim: clip x0_hat to +-this (diffusers' clip_sample); 0 = off
+    c.sample.variance = ""              # ddpm's reverse variance: fixed_small | fixed_large | learned_range;
+                                        # "" = learned_range if diffusion.variance is, else fixed_small
     c.sample.vae = ""                   # latent models: a local diffusers AutoencoderKL folder whose decoder
                                         # turns samples into images (grids, eval); "" = samples are images
     # classifier-free guidance (class-conditional models; jaxdiff.guidance): scale 1 = the
@@ -168,6 +172,7 @@ def check_config(config) -> None:
 
         resolve_decay_steps(config)  # raises if a cosine decay would end within the warmup
     check_sample_vae(config)
+    check_variance(config)
     if d.get("dim"):
         return
     size, channels, name = int(d.image_size), int(d.channels), str(m.name).lower()
@@ -188,6 +193,30 @@ def check_config(config) -> None:
         patch = m.get("patch_size") or (str(m.variant).rsplit("/", 1)[-1] if m.get("variant") else None)
         if patch and size % int(patch):
             raise ValueError(f"config.data.image_size={size} is not divisible by config.model.patch_size={patch}")
+
+
+def check_variance(config) -> None:
+    """``diffusion.variance`` and ``sample.variance`` are known names, and a learned variance has
+    the discrete chain and integer timesteps its bound needs (:mod:`jaxdiff.variance`)."""
+    from jaxdiff.processes import make_process
+    from jaxdiff.variance import SAMPLER_VARIANCES, VARIANCES, check_learned_variance
+
+    d = config.get("diffusion") or {}
+    variance = str(d.get("variance", "fixed"))
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown config.diffusion.variance={variance!r}; valid: {', '.join(VARIANCES)}")
+    sv = str((config.get("sample") or {}).get("variance", "") or "")
+    if sv and sv not in SAMPLER_VARIANCES:
+        raise ValueError(f"unknown config.sample.variance={sv!r}; valid: {', '.join(SAMPLER_VARIANCES)} "
+                         "or '' (the model's)")
+    if sv == "learned_range" and variance != "learned_range":
+        raise ValueError("config.sample.variance='learned_range' needs a model trained with "
+                         "config.diffusion.variance='learned_range'")
+    if variance == "learned_range":
+        try:
+            check_learned_variance(make_process(d.process), str(d.get("t_density", "default")))
+        except ValueError as e:
+            raise ValueError(f"config: {e}") from None
 
 
 def check_sample_vae(config) -> None:

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from jaxdiff import compile_options, guidance, parallel, samplers
 from jaxdiff.config_base import check_sample_vae
-from jaxdiff.modeling import build_process, conditional_denoiser, data_shape, denoiser, null_labels, num_classes
+from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, denoiser, learns_variance, null_labels,
+                              num_classes)
 from jaxdiff.schedules import make_grid
 
 __all__ = ["make_sample_fn", "generate", "class_labels", "guidance_settings"]
@@ -45,6 +46,9 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     ``{"scale": 3.0}``); at scale 1 the conditional model runs alone. The time grid is
     ``grid_kind``, else ``config.sample.grid``, else the process's default; ``ddpm`` and ``ddim``
     clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say).
+    ``ddpm``'s reverse variance is ``config.sample.variance``, else the learned one for a model
+    trained with ``diffusion.variance="learned_range"`` (iDDPM, DiT), else ``fixed_small``; the
+    other samplers use the prediction channels only.
     With ``config.sample.vae`` (a diffusers ``AutoencoderKL`` folder) the samples are latents and
     the function returns their decoding, ``decode(latents / scaling_factor)``, in the same jit
     (Rombach et al. 2022; DiT's sampling): the whole batch is decoded at once, so the batch size
@@ -56,6 +60,13 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     clip = float(sc.get("clip_denoised", 0.0) or 0.0)
     if clip > 0 and sampler in ("ddpm", "ddim"):
         options.setdefault("clip_denoised", clip)
+    if sampler == "ddpm":
+        options.setdefault("variance", str(sc.get("variance", "") or "")
+                           or ("learned_range" if learns_variance(config) else "fixed_small"))
+    with_variance = options.get("variance") == "learned_range"
+    if with_variance and not learns_variance(config):
+        raise ValueError("ddpm with variance='learned_range' needs a model trained with "
+                         "config.diffusion.variance='learned_range' (2C output channels)")
     shape = (batch,) + data_shape(config)
     mesh = mesh or parallel.make_mesh()
     out_sharding = parallel.batch_sharding(mesh)
@@ -76,10 +87,11 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
                              "with y of shape (batch,), or sample with guidance scale 1")
         if guided:
             d = guidance.classifier_free_guidance(
-                conditional_denoiser(config, model, params), y, null_labels(config, y.shape[0]), g["scale"],
-                interval=g["interval"], rescale=g["rescale"], process=process)
+                conditional_denoiser(config, model, params, with_variance=with_variance), y,
+                null_labels(config, y.shape[0]), g["scale"], interval=g["interval"], rescale=g["rescale"],
+                process=process)
         else:
-            d = denoiser(config, model, params, y)
+            d = denoiser(config, model, params, y, with_variance=with_variance)
         x = fn(d, x, grid, key=k_sampler, **options)
         if vae is not None:  # latent diffusion: decode latents / scaling_factor to images
             x = vae.model.apply({"params": vae_params}, x / vae.scaling_factor, method=vae.model.decode)

@@ -151,7 +151,9 @@ def classifier_free_guidance(
 
     Args:
       denoise_cond: ``denoise_cond(x, t, c) -> x0_hat`` where ``c`` is a batch of conditions
-        (a pytree whose leaves have the batch as leading axis, e.g. int labels ``(B,)``).
+        (a pytree whose leaves have the batch as leading axis, e.g. int labels ``(B,)``). It may
+        return ``(x0_hat, v)`` (learned variances, :mod:`jaxdiff.variance`): x0_hat is guided and
+        ``v`` taken from the conditional branch (as DiT's ``forward_with_cfg`` samples it).
       cond, uncond: the conditions of the two branches (same structure; ``uncond`` is the null
         condition the model was trained with under label dropout, e.g. label ``num_classes`` for
         jaxdiff's nets -- see :func:`jaxdiff.modeling.null_labels`). Both branches run in one
@@ -190,11 +192,14 @@ def classifier_free_guidance(
         b = x.shape[0]
         tt = t if t.ndim == 0 else jnp.concatenate([t, t])
         out = denoise_cond(jnp.concatenate([x, x]), tt, _concat(cond, uncond))
+        aux = None
+        if isinstance(out, tuple):  # (x0_hat, v): learned variances come from the conditional branch
+            out, aux = out
         c, u = out[:b], out[b:]
         g = u + jnp.asarray(scale, out.dtype) * (c - u)
         if do_rescale:
             g = _rescale_x0(rescale_space, g, c, x, t, process, rescale).astype(out.dtype)
-        return g
+        return g if aux is None else (g, aux[:b])
 
     def conditional_only(x, t):
         return denoise_cond(x, t, cond)
@@ -206,7 +211,7 @@ def classifier_free_guidance(
         inside = in_interval(process, t, interval)
         if t.ndim == 0:
             return jax.lax.cond(inside, guided_both, conditional_only, x, t)
-        return jnp.where(_bcast(inside, x), guided_both(x, t), conditional_only(x, t))
+        return jax.tree.map(lambda g, c: jnp.where(_bcast(inside, g), g, c), guided_both(x, t), conditional_only(x, t))
 
     return denoise
 

@@ -106,7 +106,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
 
     from jaxdiff import parallel
     from jaxdiff.checkpoint import CheckpointManager, config_to_json
-    from jaxdiff.config_base import base_config, check_sample_vae
+    from jaxdiff.config_base import base_config, check_sample_vae, check_variance
     from jaxdiff.modeling import build_model
     from jaxdiff.nets.from_diffusers import load_dit, load_unet
     from jaxdiff.train.loop import abstract_train_state, make_init_fn
@@ -141,8 +141,23 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         config.data.name, config.data.tfds_name = "tfds", ""
     else:
         config = config.copy_and_resolve_references()
+    out_channels = 2 * channels if fields.get("learn_sigma") else int(fields.get("out_channels") or channels)
+    variance_type = str(scheduler.get("variance_type") or "fixed_small")
+    if out_channels not in (channels, 2 * channels):
+        raise ValueError(f"the network outputs {out_channels} channels for {channels}-channel data: jaxdiff reads "
+                         f"C (the prediction) or 2C (prediction and iDDPM variance)")
+    if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ValueError(f"scheduler variance_type={variance_type!r}: jaxdiff's ddpm has fixed_small, fixed_large, "
+                         "learned_range")
+    if variance_type == "learned_range" and out_channels != 2 * channels:
+        raise ValueError(f"scheduler variance_type='learned_range' but the network outputs {out_channels} channels, "
+                         f"not 2 x {channels} (prediction and variance)")
     with config.unlocked():
         config.model = ml_collections.ConfigDict(fields)
+        # A 2C-output network learned iDDPM's variances (DiT, improved-diffusion): ddpm samples with
+        # them unless the scheduler says fixed_small / fixed_large.
+        config.diffusion.variance = "learned_range" if out_channels == 2 * channels else "fixed"
+        config.sample.variance = variance_type if "variance_type" in scheduler else ""
         config.data.image_size, config.data.channels, config.data.dim = height, channels, 0
         config.diffusion.process = ml_collections.ConfigDict(process)
         config.diffusion.prediction = prediction
@@ -151,6 +166,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
             config.sample.vae = os.path.abspath(vae_dir)
 
     check_sample_vae(config)
+    check_variance(config)
     model = build_model(config)
     tx = make_optimizer(config)
     mesh = parallel.make_mesh(-1, 1)
@@ -179,6 +195,6 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         "prediction": prediction,
         "ema_copies": sorted(state.ema),
         "sample": sample,  # config.sample.grid / clip_denoised: ddpm and ddim step as the scheduler
-        "variance_type": scheduler.get("variance_type", "fixed_small"),  # jaxdiff's ddpm: fixed_small;
-        # learned variances (out_channels 2C) are dropped, the first C channels are the prediction
+        "variance": config.diffusion.variance,  # learned_range for a 2C-output network
+        "sample_variance": config.sample.variance,  # ddpm's: the scheduler's variance_type, "" = the model's
     }

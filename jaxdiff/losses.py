@@ -26,8 +26,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.parameterization import PREDICTIONS, edm_vp_coefficients, net_inputs
+from jaxdiff.parameterization import PREDICTIONS, edm_vp_coefficients, net_inputs, to_x0
 from jaxdiff.processes import Process
+from jaxdiff.variance import VARIANCES, check_learned_variance, vlb_term
 
 __all__ = ["WEIGHTINGS", "T_DENSITIES", "sample_times", "exact_target", "x0_error_scale",
            "loss_weight", "diffusion_loss"]
@@ -174,21 +175,43 @@ def loss_weight(weighting: str, prediction: str, t, process: Process, *, min_snr
 def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
                    weighting: str = "none", t_density: str = "default", t_mean: float | None = None,
                    t_std: float | None = None, min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
-                   p2_k: float = 1.0, sigma_data: float = 0.5):
+                   p2_k: float = 1.0, sigma_data: float = 0.5, variance: str = "fixed",
+                   vlb_weight: float = 0.001):
     """Per-example loss (shape (batch,)) of ``net(x_in, t_in) -> output``.
 
     Draws t and eps with ``key``, forms x_t, feeds the network what :func:`net_inputs` says for
     the prediction type, and returns ``weight(t) * mean((output - target)^2)`` over the
     non-batch axes. For ``prediction="edm"`` the output is turned into
     D = c_skip x + c_out F and compared with x0 (EDM's loss, Eq. 8).
+
+    ``variance="learned_range"`` (iDDPM, Nichol & Dhariwal 2021, Sec. 3.1; DiT): the network
+    outputs ``2 C`` channels, the prediction and the variance interpolation ``v`` of
+    :func:`jaxdiff.variance.learned_range_log_variance`, and the loss is iDDPM's L_hybrid (Eq. 16)
+    ``w mse + vlb_weight * T * L_t`` with ``L_t`` = :func:`jaxdiff.variance.vlb_term` in bits per
+    dimension at the drawn timestep with the mean held fixed (stop-gradient): ``T * L_t`` is an
+    unbiased estimate of the bound L_vlb, and ``vlb_weight`` is iDDPM's lambda (0.001; with
+    T = 1000 the loss is ADM's / DiT's ``mse + vb``). Needs the discrete_vp process and its
+    default (integer) time density.
     """
     k_t, k_eps = jax.random.split(key)
     batch = x0.shape[0]
+    learned = variance == "learned_range"
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    if learned:
+        check_learned_variance(process, t_density)
     t = sample_times(k_t, batch, process, t_density, mean=t_mean, std=t_std)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = process.marginal(x0, t, eps)
     x_in, t_in = net_inputs(prediction, x_t, t, process, sigma_data)
     out = net(x_in, t_in).astype(jnp.float32)
+    if learned:
+        c = x0.shape[-1]
+        if out.shape[-1] != 2 * c:
+            raise ValueError(f"variance='learned_range' needs a network with 2 x {c} output channels (prediction "
+                             f"and variance), this one has {out.shape[-1]} (DiT: model.learn_sigma=True; "
+                             f"UNet: model.out_channels={2 * c})")
+        out, v = out[..., :c], out[..., c:]
     if prediction == "edm":  # D = c_skip x + c_out F (Karras et al. 2022, Eq. 7), VP frame
         c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(t), process.sigma(t), sigma_data)
         out = _bcast(c_skip_a, x_t) * x_t + _bcast(c_out, x_t) * out
@@ -196,4 +219,8 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
     mse = jnp.mean((out - target) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(weighting, prediction, t, process, min_snr_gamma=min_snr_gamma,
                     p2_gamma=p2_gamma, p2_k=p2_k, sigma_data=sigma_data)
-    return w * mse
+    if not learned:
+        return w * mse
+    x0_hat = jax.lax.stop_gradient(out if prediction == "edm" else to_x0(prediction, out, x_t, t, process))
+    vb = vlb_term(process, x0.astype(jnp.float32), x_t.astype(jnp.float32), t, x0_hat, v)
+    return w * mse + (vlb_weight * process.num_train_timesteps) * vb

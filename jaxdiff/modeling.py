@@ -10,11 +10,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxdiff import nets
-from jaxdiff.parameterization import make_denoiser
+from jaxdiff.parameterization import make_denoiser, make_denoiser_with_variance
 from jaxdiff.processes import Process, make_process
 
 __all__ = ["build_model", "build_process", "net_fn", "denoiser", "conditional_denoiser", "null_labels",
-           "data_shape", "num_classes"]
+           "data_shape", "num_classes", "learns_variance"]
 
 
 def build_model(config):
@@ -41,8 +41,9 @@ def num_classes(config) -> int:
 def net_fn(model, params, y=None, *, train: bool = False, rngs=None, channels: int | None = None):
     """``net(x_in, t_in) -> output`` for fixed params and labels.
 
-    ``channels``: keep only the first ``channels`` output channels (DiT with learned sigma
-    outputs 2C channels; jaxdiff trains the mean part only).
+    ``channels``: keep only the first ``channels`` output channels (a DiT with learned sigma
+    outputs 2C channels; the prediction is the first C, the variance the rest, used when
+    ``diffusion.variance="learned_range"``).
     """
 
     def net(x, t):
@@ -54,24 +55,34 @@ def net_fn(model, params, y=None, *, train: bool = False, rngs=None, channels: i
     return net
 
 
-def denoiser(config, model, params, y=None):
-    """``denoise(x, t) -> x0_hat`` for a trained model (eval mode)."""
-    channels = data_shape(config)[-1]
-    net = net_fn(model, params, y, channels=channels)
-    d = config.diffusion
-    return make_denoiser(net, build_process(config), d.prediction, float(d.get("sigma_data", 0.5)))
+def learns_variance(config) -> bool:
+    """Whether the model was trained with iDDPM's learned variances (``diffusion.variance``)."""
+    return str((config.get("diffusion") or {}).get("variance", "fixed")) == "learned_range"
 
 
-def conditional_denoiser(config, model, params):
-    """``denoise(x, t, y) -> x0_hat`` with the labels as an argument (eval mode), the form
-    :func:`jaxdiff.guidance.classifier_free_guidance` batches both branches through."""
-    channels = data_shape(config)[-1]
+def _wrap(config, net, with_variance: bool):
     d = config.diffusion
-    process = build_process(config)
+    make = make_denoiser_with_variance if with_variance else make_denoiser
+    return make(net, build_process(config), d.prediction, float(d.get("sigma_data", 0.5)))
+
+
+def denoiser(config, model, params, y=None, *, with_variance: bool = False):
+    """``denoise(x, t) -> x0_hat`` for a trained model (eval mode).
+
+    ``with_variance=True`` (models with ``diffusion.variance="learned_range"``): ``denoise(x, t)
+    -> (x0_hat, v)``, ``v`` the variance channels ``samplers.ddpm(variance="learned_range")`` reads."""
+    channels = None if with_variance else data_shape(config)[-1]
+    return _wrap(config, net_fn(model, params, y, channels=channels), with_variance)
+
+
+def conditional_denoiser(config, model, params, *, with_variance: bool = False):
+    """``denoise(x, t, y) -> x0_hat`` (or ``(x0_hat, v)`` ``with_variance``) with the labels as an
+    argument (eval mode), the form :func:`jaxdiff.guidance.classifier_free_guidance` batches both
+    branches through."""
+    channels = None if with_variance else data_shape(config)[-1]
 
     def denoise(x, t, y):
-        net = net_fn(model, params, y, channels=channels)
-        return make_denoiser(net, process, d.prediction, float(d.get("sigma_data", 0.5)))(x, t)
+        return _wrap(config, net_fn(model, params, y, channels=channels), with_variance)(x, t)
 
     return denoise
 

@@ -35,6 +35,7 @@ __all__ = [
     "edm_vp_coefficients",
     "net_inputs",
     "make_denoiser",
+    "make_denoiser_with_variance",
     "Denoiser",
 ]
 
@@ -152,11 +153,32 @@ def make_denoiser(net: Callable, process: Process, prediction: str, sigma_data: 
 
     def denoise(x, t):
         x_in, t_in = net_inputs(prediction, x, t, process, sigma_data)
-        out = net(x_in, t_in).astype(x.dtype)
-        if prediction == "edm":
-            tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-            c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(tb), process.sigma(tb), sigma_data)
-            return _bcast(c_skip_a, x) * x + _bcast(c_out, x) * out
-        return to_x0(prediction, out, x, t, process)
+        return _output_to_x0(prediction, net(x_in, t_in).astype(x.dtype), x, t, process, sigma_data)
 
     return denoise
+
+
+def make_denoiser_with_variance(net: Callable, process: Process, prediction: str, sigma_data: float = 0.5):
+    """Wrap a network with ``2 C`` output channels (the prediction, then iDDPM's variance
+    interpolation ``v``; DiT's learned sigma) into ``denoise(x, t) -> (x0_hat, v)``, the form
+    ``samplers.ddpm(variance="learned_range")`` takes (:mod:`jaxdiff.variance`). One network call."""
+    _check(prediction)
+
+    def denoise(x, t):
+        x_in, t_in = net_inputs(prediction, x, t, process, sigma_data)
+        out = net(x_in, t_in).astype(x.dtype)
+        c = x.shape[-1]
+        if out.shape[-1] != 2 * c:
+            raise ValueError(f"a learned-variance denoiser needs 2 x {c} output channels, the network has "
+                             f"{out.shape[-1]}")
+        return _output_to_x0(prediction, out[..., :c], x, t, process, sigma_data), out[..., c:]
+
+    return denoise
+
+
+def _output_to_x0(prediction, out, x, t, process, sigma_data):
+    if prediction == "edm":
+        tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(tb), process.sigma(tb), sigma_data)
+        return _bcast(c_skip_a, x) * x + _bcast(c_out, x) * out
+    return to_x0(prediction, out, x, t, process)

@@ -97,6 +97,61 @@ def diffusers_ddim(unet, sched, noise, dtype, process=None, steps=10):
     return x.float().numpy().transpose(0, 2, 3, 1), ddim.timesteps.numpy()
 
 
+def test_learned_variance_unet_samples_like_diffusers_ddpm(tmp_path, monkeypatch):
+    """An improved-diffusion-style pipeline (UNet with 2C outputs, DDPMScheduler with
+    variance_type="learned_range") -> a workdir whose ddpm steps with the learned variances, as
+    diffusers' scheduler does; the same injected noise on both sides."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
+    from tests.samplers.test_vs_diffusers import to_float64
+
+    unet = save_random_unet(tmp_path / "pipe" / "unet", {**DDPM_LIKE, "out_channels": 6})
+    diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False).save_pretrained(
+        str(tmp_path / "pipe" / "scheduler"))
+    summary = import_pipeline(str(tmp_path / "pipe"), str(tmp_path / "wd"))
+    assert summary["variance"] == "learned_range" and summary["sample_variance"] == "learned_range"
+    config, model, params, _ = restore_for_sampling(str(tmp_path / "wd"))
+    process = build_process(config)
+    grid = make_grid(process, 10, config.sample.grid)
+    key = jax.random.key(4, impl="rbg")
+    shape = (2, 16, 16, 3)
+    noise = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    injected = [np.asarray(jax.random.normal(k, shape, jnp.float32)) for k in jax.random.split(key, 10)]
+    den = denoiser(config, model, params, with_variance=True)
+    ours = np.asarray(jax.jit(lambda x: samplers.get("ddpm")(den, x, grid, key=key, variance="learned_range"))(
+        jnp.asarray(noise)))
+
+    def theirs(dtype):
+        sched = diffusers.DDPMScheduler.from_pretrained(str(tmp_path / "pipe" / "scheduler"))
+        sched.set_timesteps(10)
+        if dtype == torch.float64:
+            to_float64(sched, process)
+        state = {"i": 0}
+        monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda *a, **k: to_torch(injected[state["i"]], dtype))
+        net, x = unet.to(dtype), to_torch(noise, dtype)
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                state["i"] = i
+                x = sched.step(net(x, t).sample, t, x).prev_sample
+        unet.to(torch.float32)
+        return x.double().numpy().transpose(0, 2, 3, 1), sched.timesteps.numpy()
+
+    theirs32, ts = theirs(torch.float32)
+    theirs64, _ = theirs(torch.float64)
+    np.testing.assert_array_equal(np.asarray(grid.t[:-1]), np.asarray(grid_from_times(process, ts).t[:-1]))
+    scale = np.abs(theirs64).max()
+    own, err = np.abs(theirs32 - theirs64).max() / scale, np.abs(ours - theirs64).max() / scale
+    fixed = np.asarray(jax.jit(lambda x: samplers.get("ddpm")(
+        lambda x, t: den(x, t)[0], x, grid, key=key))(jnp.asarray(noise)))
+    assert own < 1e-3 and err < 2 * own + 1e-5, (err, own)
+    assert np.abs(fixed - theirs64).max() / scale > 100 * err  # the learned variances are what matched
+
+    save_random_unet(tmp_path / "bad" / "unet", DDPM_LIKE)  # 3 output channels
+    diffusers.DDPMScheduler(variance_type="learned_range").save_pretrained(str(tmp_path / "bad" / "scheduler"))
+    with pytest.raises(ValueError, match="not 2 x 3"):
+        import_pipeline(str(tmp_path / "bad"), str(tmp_path / "wd2"))
+
+
 def test_cli_import_flat_layout_and_refusals(tmp_path):
     make_pipeline(tmp_path / "pipe", flat=True, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     proc = run_python(["-m", "jaxdiff.cli", "import", f"--diffusers={tmp_path / 'pipe'}",
@@ -150,5 +205,7 @@ def test_dit_pipeline_imports_with_its_vae(tmp_path):
 
     config, model, params, _ = restore_for_sampling(str(tmp_path / "wd"))
     assert config.model.name == "dit" and config.model.learn_sigma and config.data.channels == 4
+    # DiT's sigma half was trained (L_hybrid): ddpm samples with it; DDIMScheduler names no variance
+    assert config.diffusion.variance == "learned_range" and config.sample.variance == ""
     images = make_sample_fn(config, model, "ddim", 2, 2)(params, jax.random.PRNGKey(0), jnp.array([0, 1]))
     assert images.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(images)))

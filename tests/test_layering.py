@@ -7,9 +7,10 @@ import os
 import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff")
-CORE = ["processes.py", "schedules.py", "parameterization.py", "losses.py", "guidance.py", "samplers"]
+CORE = ["processes.py", "schedules.py", "parameterization.py", "losses.py", "guidance.py", "variance.py",
+        "samplers"]
 CORE_MODULES = {"jaxdiff.processes", "jaxdiff.schedules", "jaxdiff.parameterization", "jaxdiff.losses",
-                "jaxdiff.samplers", "jaxdiff.guidance"}
+                "jaxdiff.samplers", "jaxdiff.guidance", "jaxdiff.variance"}
 STDLIB_OK = {"__future__", "dataclasses", "functools", "math", "typing", "collections", "itertools"}
 
 

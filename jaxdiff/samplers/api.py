@@ -118,7 +118,7 @@ _PROCESS_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps
 _UNSUPPORTED_DEFAULTS = {
     "thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
     "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
-    "interpolation_type": "linear", "timestep_type": "discrete", "variance_type": "fixed_small",
+    "interpolation_type": "linear", "timestep_type": "discrete",
     "euler_at_final": False, "lambda_min_clipped": -float("inf"), "sigma_min": None, "sigma_max": None,
     "predict_x0": True, "solver_p": None,  # UniPCMultistepScheduler
 }
@@ -393,7 +393,7 @@ def sample(name: str, model_fn: Callable, x_T, schedule, num_steps: int, *, key=
            prediction_type: str | None = None, timestep_spacing: str | None = None, steps_offset: int | None = None,
            use_karras_sigmas: bool | None = None, final_sigmas_type: str | None = None,
            set_alpha_to_one: bool | None = None, clip_sample: bool | None = None,
-           clip_sample_range: float | None = None, **options):
+           clip_sample_range: float | None = None, variance_type: str | None = None, **options):
     """Sample with jaxdiff sampler ``name`` the way diffusers' matching scheduler would (module docstring).
 
     Args:
@@ -419,6 +419,10 @@ def sample(name: str, model_fn: Callable, x_T, schedule, num_steps: int, *, key=
       clip_sample, clip_sample_range: DDPM / DDIM clip x0_hat to [-range, range] -- diffusers'
         default is True, 1.0 (pass ``clip_sample=False`` for latent models, as Stable Diffusion's
         config does).
+      variance_type: DDPM's reverse variance, ``"fixed_small"`` (default), ``"fixed_large"`` or
+        ``"learned_range"`` (iDDPM; ``model_fn`` then returns ``2 C`` channels, the prediction and
+        the variance interpolation, which diffusers' ``DDPMScheduler.step`` splits the same way);
+        ``ddpm`` only.
       **options: passed to the sampler (e.g. ``eta`` for ddim, ``order`` for unipc).
 
     Returns:
@@ -442,7 +446,23 @@ def sample(name: str, model_fn: Callable, x_T, schedule, num_steps: int, *, key=
                         set_alpha_to_one=pick(set_alpha_to_one, "set_alpha_to_one", None))
     tmap = _model_time(sg.grid, sg.timesteps)
     net = model_fn if tmap is None else (lambda x, t: model_fn(x, tmap(t)))
-    denoise = PZ.make_denoiser(net, process, prediction_type)
+    variance_type = pick(variance_type, "variance_type", "fixed_small")
+    if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ValueError(f"sample: variance_type={variance_type!r} is not supported; valid: fixed_small, "
+                         "fixed_large, learned_range")
+    if variance_type != "fixed_small" and name != "ddpm":
+        raise ValueError(f"sample: variance_type={variance_type!r} is an option of the ddpm sampler "
+                         f"(diffusers' DDPMScheduler), not of {name!r}")
+    if variance_type != "fixed_small" and float(np.asarray(sg.timesteps)[-1]) > 0:
+        raise ValueError(f"sample: ddpm with variance_type={variance_type!r} on a grid whose last timestep is "
+                         f"{int(np.asarray(sg.timesteps)[-1])} (timestep_spacing={spacing!r}): diffusers' "
+                         "DDPMScheduler adds noise on that last step (variance beta, or the learned one against "
+                         "beta~ clamped to 1e-20), jaxdiff's ddpm ends on the posterior mean as iDDPM does; use a "
+                         "spacing whose last timestep is 0 (leading, linspace)")
+    if variance_type == "learned_range":
+        denoise = PZ.make_denoiser_with_variance(net, process, prediction_type)
+    else:
+        denoise = PZ.make_denoiser(net, process, prediction_type)
 
     if name == "dpmpp_2m" and sg.grid.num_steps < 15 and np.asarray(sg.grid.sigma)[-1] > 0:
         raise ValueError("sample: dpmpp_2m into sigma_min with num_steps < 15: diffusers' lower_order_final takes "
@@ -455,6 +475,8 @@ def sample(name: str, model_fn: Callable, x_T, schedule, num_steps: int, *, key=
         opts["clip_denoised"] = float(pick(clip_sample_range, "clip_sample_range", 1.0)) if clip else None
     elif clip_sample:
         raise ValueError(f"sample: clip_sample is an option of diffusers' DDPM / DDIM schedulers, not of {name!r}")
+    if variance_type != "fixed_small":
+        opts["variance"] = variance_type
     if name in ("pndm", "plms"):
         opts["combine"] = "v" if prediction_type == "v_prediction" else "eps"  # what diffusers combines
     opts.update(options)

@@ -2,7 +2,9 @@
 
 * :func:`ddpm` -- ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020,
   Eq. 6-7, Algorithm 2), written for a general (alpha, sigma) pair as in Kingma et al. 2021
-  (VDM, Eq. 26-27); matches diffusers' ``DDPMScheduler`` with ``variance_type="fixed_small"``.
+  (VDM, Eq. 26-27); matches diffusers' ``DDPMScheduler`` with ``variance_type="fixed_small"``,
+  and with ``"fixed_large"`` / ``"learned_range"`` (iDDPM's learned variances, DiT) under
+  ``variance=``.
 * :func:`ddim` -- Song et al. 2021 (DDIM), Eq. 12 with the eta-scaled variance of Eq. 16;
   eta = 0 is the deterministic sampler, eta = 1 equals :func:`ddpm`.
 """
@@ -13,34 +15,58 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.samplers.base import run_steps, safe_div, validate
+from jaxdiff.variance import SAMPLER_VARIANCES, learned_range_log_variance, step_log_variances
 
 
 def _clip(x0, clip_denoised):
     return x0 if clip_denoised is None else jnp.clip(x0, -clip_denoised, clip_denoised)
 
 
-def ddpm(denoise, x, grid, *, key=None, clip_denoised: float | None = None):
+def ddpm(denoise, x, grid, *, key=None, clip_denoised: float | None = None, variance: str = "fixed_small"):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2).
 
     Args:
-      denoise: ``denoise(x, t) -> x0_hat``.
+      denoise: ``denoise(x, t) -> x0_hat``; with ``variance="learned_range"``
+        ``denoise(x, t) -> (x0_hat, v)``, ``v`` the network's variance channels
+        (:func:`jaxdiff.modeling.denoiser` with ``with_variance=True``).
       x: state at ``grid.t[0]``.
       grid: time grid (:class:`jaxdiff.schedules.Grid`).
       key: PRNG key (required).
       clip_denoised: clip x0_hat to [-c, c] before the posterior (diffusers' ``clip_sample``).
+      variance: the reverse step's variance (:mod:`jaxdiff.variance`): ``fixed_small`` (the
+        posterior's beta~, Ho et al.'s sigma^2 = beta~), ``fixed_large`` (beta) or
+        ``learned_range`` (iDDPM Eq. 15, between the two by ``v``), each for the grid's own
+        (respaced) step; as diffusers' ``DDPMScheduler(variance_type=...)``. The step into the
+        data adds no noise.
 
     Returns:
       The sample at the last grid point.
     """
     validate("ddpm", x, grid, key, stochastic=True)
+    if variance not in SAMPLER_VARIANCES:
+        raise ValueError(f"ddpm: unknown variance {variance!r}; valid: {', '.join(SAMPLER_VARIANCES)}")
     dtype = x.dtype
 
     def step(x, s):
-        x0 = _clip(denoise(x, s.t), clip_denoised)
+        out = denoise(x, s.t)
+        if variance == "learned_range":
+            if not isinstance(out, tuple):
+                raise ValueError("ddpm(variance='learned_range') needs denoise(x, t) -> (x0_hat, v)")
+            out, v = out
+        x0 = _clip(out, clip_denoised)
         a_ts = s.alpha / s.alpha_next
-        var_ts = jnp.maximum(s.sigma**2 - a_ts**2 * s.sigma_next**2, 0.0)
+        var_ts = jnp.maximum(s.sigma**2 - a_ts**2 * s.sigma_next**2, 0.0)  # beta of the step
         mean = (a_ts * s.sigma_next**2 / s.sigma**2) * x + (s.alpha_next * var_ts / s.sigma**2) * x0
-        std = jnp.sqrt(var_ts * s.sigma_next**2 / s.sigma**2)
+        if variance == "fixed_small":
+            std = jnp.sqrt(var_ts * s.sigma_next**2 / s.sigma**2)
+        else:
+            last = s.sigma_next == 0  # into the data: no noise (and beta~ = 0 has no log)
+            if variance == "fixed_large":
+                std = jnp.where(last, 0.0, jnp.sqrt(var_ts))
+            else:
+                log_beta, log_beta_tilde = step_log_variances(s.alpha, s.sigma, s.alpha_next, s.sigma_next)
+                log_var = learned_range_log_variance(v.astype(jnp.float32), log_beta, log_beta_tilde)
+                std = jnp.where(last, 0.0, jnp.exp(0.5 * log_var))
         z = jax.random.normal(s.key, x.shape, jnp.float32)
         return (mean + std * z).astype(dtype)
 
