@@ -19,6 +19,7 @@ def get_config(variant: str = ""):
     c.diffusion.process.name = "discrete_vp"
     c.diffusion.process.beta_schedule = "linear"
     c.diffusion.prediction = "epsilon"
+    c.diffusion.vlb_bins = 17  # the bound's decoder, under diffusion.variance="learned_range": gray levels 0..16
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"

@@ -51,6 +51,7 @@ def get_config(variant: str = ""):
         c.model.input_size = 8
         c.model.in_channels = 1
         c.model.num_classes = 10
+        c.diffusion.vlb_bins = 17  # the digits' gray levels 0..16
         c.model.hidden_size = 64
         c.model.depth = 2
         c.model.num_heads = 2

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.sigma_data = 0.5
     c.diffusion.variance = "fixed"      # fixed | learned_range (iDDPM / DiT: 2C outputs, L_hybrid)
     c.diffusion.vlb_weight = 0.001      # iDDPM's lambda on L_vlb under learned_range
+    c.diffusion.vlb_bins = 256          # levels of the data for the bound's decoder term (8-bit images)
     c.diffusion.class_dropout = 0.1     # label dropout to the null class (class-conditional models)
 
     c.optim = ml_collections.ConfigDict()
@@ -214,7 +215,7 @@ def check_variance(config) -> None:
                          "config.diffusion.variance='learned_range'")
     if variance == "learned_range":
         try:
-            check_learned_variance(make_process(d.process), str(d.get("t_density", "default")))
+            check_learned_variance(make_process(d.process), str(d.get("t_density", "default")), str(d.prediction))
         except ValueError as e:
             raise ValueError(f"config: {e}") from None
 

@@ -143,6 +143,8 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         config = config.copy_and_resolve_references()
     out_channels = 2 * channels if fields.get("learn_sigma") else int(fields.get("out_channels") or channels)
     variance_type = str(scheduler.get("variance_type") or "fixed_small")
+    if variance_type == "fixed_small_log":  # diffusers: the same variance, exponentiated from its log
+        variance_type = "fixed_small"
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"the network outputs {out_channels} channels for {channels}-channel data: jaxdiff reads "
                          f"C (the prediction) or 2C (prediction and iDDPM variance)")
@@ -157,7 +159,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         # A 2C-output network learned iDDPM's variances (DiT, improved-diffusion): ddpm samples with
         # them unless the scheduler says fixed_small / fixed_large.
         config.diffusion.variance = "learned_range" if out_channels == 2 * channels else "fixed"
-        config.sample.variance = variance_type if "variance_type" in scheduler else ""
+        config.sample.variance = variance_type if scheduler.get("variance_type") else ""
         config.data.image_size, config.data.channels, config.data.dim = height, channels, 0
         config.diffusion.process = ml_collections.ConfigDict(process)
         config.diffusion.prediction = prediction

@@ -176,7 +176,7 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
                    weighting: str = "none", t_density: str = "default", t_mean: float | None = None,
                    t_std: float | None = None, min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
                    p2_k: float = 1.0, sigma_data: float = 0.5, variance: str = "fixed",
-                   vlb_weight: float = 0.001):
+                   vlb_weight: float = 0.001, vlb_bins: int = 256):
     """Per-example loss (shape (batch,)) of ``net(x_in, t_in) -> output``.
 
     Draws t and eps with ``key``, forms x_t, feeds the network what :func:`net_inputs` says for
@@ -190,8 +190,8 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
     ``w mse + vlb_weight * T * L_t`` with ``L_t`` = :func:`jaxdiff.variance.vlb_term` in bits per
     dimension at the drawn timestep with the mean held fixed (stop-gradient): ``T * L_t`` is an
     unbiased estimate of the bound L_vlb, and ``vlb_weight`` is iDDPM's lambda (0.001; with
-    T = 1000 the loss is ADM's / DiT's ``mse + vb``). Needs the discrete_vp process and its
-    default (integer) time density.
+    T = 1000 the loss is ADM's / DiT's ``mse + vb``); ``vlb_bins``: the data's levels for the
+    decoder term at t = 0. Needs the discrete_vp process and its default (integer) time density.
     """
     k_t, k_eps = jax.random.split(key)
     batch = x0.shape[0]
@@ -199,7 +199,7 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
     if learned:
-        check_learned_variance(process, t_density)
+        check_learned_variance(process, t_density, prediction)
     t = sample_times(k_t, batch, process, t_density, mean=t_mean, std=t_std)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = process.marginal(x0, t, eps)
@@ -222,5 +222,5 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
     if not learned:
         return w * mse
     x0_hat = jax.lax.stop_gradient(out if prediction == "edm" else to_x0(prediction, out, x_t, t, process))
-    vb = vlb_term(process, x0.astype(jnp.float32), x_t.astype(jnp.float32), t, x0_hat, v)
+    vb = vlb_term(process, x0.astype(jnp.float32), x_t.astype(jnp.float32), t, x0_hat, v, bins=vlb_bins)
     return w * mse + (vlb_weight * process.num_train_timesteps) * vb

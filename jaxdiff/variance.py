@@ -39,7 +39,7 @@ from jaxdiff.processes import DiscreteVP, Process
 
 __all__ = ["VARIANCES", "SAMPLER_VARIANCES", "learned_range_log_variance", "step_log_variances",
            "normal_kl", "discretized_gaussian_log_likelihood", "posterior_tables", "vlb_term",
-           "check_learned_variance"]
+           "vlb_bits_per_dim", "check_learned_variance"]
 
 VARIANCES = ("fixed", "learned_range")
 """Values of ``config.diffusion.variance``: what the model learns besides its prediction."""
@@ -70,9 +70,12 @@ def step_log_variances(alpha, sigma, alpha_next, sigma_next):
 
 @jax.custom_jvp
 def _x_plus_expm1_neg(x):
-    """x + e^-x - 1 (>= 0), without the cancellation of -1 + e^-x for small |x| in value or
-    derivative (1 - e^-x = -expm1(-x))."""
-    return x + jnp.expm1(-x)
+    """x + e^-x - 1 (>= 0) without cancellation: its series x^2/2 - x^3/6 + x^4/24 for |x| < 0.01
+    (relative error < 2e-8 there), and the derivative 1 - e^-x as -expm1(-x)."""
+    small = jnp.abs(x) < 1e-2
+    xs = jnp.where(small, x, 0.0)
+    series = 0.5 * xs * xs * (1.0 - xs / 3.0 * (1.0 - xs / 4.0))
+    return jnp.where(small, series, x + jnp.expm1(-jnp.where(small, 1.0, x)))
 
 
 @_x_plus_expm1_neg.defjvp
@@ -108,7 +111,9 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, *, bins: int = 256):
     inv = jnp.exp(-log_scale)
     upper = inv * (x - mean + half)
     lower = inv * (x - mean - half)
-    edge = 1.0 - half  # x = -1 and x = +1 are the outermost levels (ADM: |x| > 0.999)
+    # x = -1 and x = +1 are the outermost levels: ADM's |x| > 0.999 for 256 levels (the same
+    # fraction of a level's spacing otherwise), which decides continuous data (latents) as ADM does
+    edge = 1.0 - 0.255 / (bins - 1)
     return jnp.where(x < -edge, jax.scipy.special.log_ndtr(upper),
                      jnp.where(x > edge, jax.scipy.special.log_ndtr(-lower), _log_diff_ndtr(lower, upper)))
 
@@ -122,58 +127,122 @@ def posterior_tables(alphas_cumprod: tuple) -> dict[str, np.ndarray]:
     * ``log_beta`` = log beta_t;
     * ``log_beta_tilde`` = log beta~_t, with t = 0 (beta~_0 = 0) given beta~_1's value, as iDDPM's
       ``posterior_log_variance_clipped`` (the decoder's variance is then learned between
-      beta~_1 and beta_0).
+      beta~_1 and beta_0);
+    * ``log_ratio`` = log beta_t - log beta~_t (the t = 0 one clipped likewise), from
+      log1p(abar_{t-1} beta_t / (1 - abar_{t-1})) in float64: near the end of a chain it is ~1e-6
+      while the two logs are ~ -4, so a float32 difference of the logs would keep one digit.
     """
     ac = np.asarray(alphas_cumprod, np.float64)
     prev = np.concatenate([[1.0], ac[:-1]])
     beta = 1.0 - ac / prev
     beta_tilde = beta * (1.0 - prev) / (1.0 - ac)
     log_bt = np.log(np.concatenate([beta_tilde[1:2], beta_tilde[1:]])) if len(ac) > 1 else np.log(beta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log1p(prev * beta / (1.0 - prev))  # beta / beta~ = (1 - abar_t) / (1 - abar_{t-1})
+    ratio[0] = np.log(beta[0]) - log_bt[0]
     out = {
         "coef_x0": np.sqrt(prev) * beta / (1.0 - ac),
         "coef_xt": np.sqrt(ac / prev) * (1.0 - prev) / (1.0 - ac),
         "log_beta": np.log(beta),
         "log_beta_tilde": log_bt,
+        "log_ratio": ratio,
     }
     for v in out.values():
         v.setflags(write=False)
     return out
 
 
-def check_learned_variance(process: Process, t_density: str = "default") -> None:
-    """The bound's terms need a discrete chain sampled at its integer timesteps."""
+def check_learned_variance(process: Process, t_density: str = "default", prediction: str | None = None) -> None:
+    """The bound's terms need a discrete chain sampled at its integer timesteps, and an x0_hat
+    that is finite at every one of them."""
     if not isinstance(process, DiscreteVP):
         raise ValueError(f"diffusion.variance='learned_range' (iDDPM's learned variances) needs the discrete_vp "
                          f"process (a DDPM chain), not {type(process).__name__}")
     if t_density != "default":
         raise ValueError(f"diffusion.variance='learned_range' needs diffusion.t_density='default' (integer "
                          f"timesteps: the bound's KL terms are per step), not {t_density!r}")
-    if process.alphas_cumprod[-1] <= 0.0:
-        raise ValueError("diffusion.variance='learned_range' needs abar_T > 0: the zero-terminal-SNR chain's "
-                         "last step has 1 - abar_t = 1 and log beta = 0, but its beta~ is ill-defined; use "
-                         "rescale_betas_zero_snr=False")
+    if prediction in ("epsilon", "score") and process.alphas_cumprod[-1] <= 0.0:
+        raise ValueError(f"diffusion.variance='learned_range' with prediction {prediction!r} on a zero-terminal-SNR "
+                         "chain: at its last step alpha = 0 and x0_hat = (x - sigma eps) / alpha, which the bound's "
+                         "mean needs, is infinite; use v_prediction (Lin et al. 2024) or sample")
 
 
-def vlb_term(process: DiscreteVP, x0, x_t, t, x0_hat, v, *, bins: int = 256):
+def vlb_term(process: DiscreteVP, x0, x_t, t, x0_hat, v=None, *, variance: str = "learned_range",
+             bins: int = 256):
     """The variational bound's term at integer timesteps ``t`` (B,), in bits per dimension (B,).
 
-    For t >= 1: ``KL(q(x_{t-1} | x_t, x0) || N(mu(x_t, x0_hat), Sigma(v)))`` averaged over the
+    For t >= 1: ``KL(q(x_{t-1} | x_t, x0) || N(mu(x_t, x0_hat), Sigma))`` averaged over the
     dimensions; for t = 0: the discretised decoder's negative log-likelihood of ``x0`` under
-    ``N(x0_hat, Sigma(v))``. ``Sigma`` is iDDPM's learned range between ``beta_t`` and ``beta~_t``
-    (:func:`posterior_tables`). Divided by log 2 (ADM's ``_vb_terms_bpd``). ``x0_hat`` is used as
-    given: pass ``stop_gradient(x0_hat)`` for iDDPM's L_hybrid.
+    ``N(x0_hat, Sigma)``. ``Sigma``: ``learned_range`` -- iDDPM's interpolation by ``v`` between
+    ``beta_t`` and ``beta~_t`` (:func:`posterior_tables`); ``fixed_small`` -- beta~_t;
+    ``fixed_large`` -- beta_t (at t = 0 both fixed ones take beta~_1, as ADM's tables do).
+    Divided by log 2 (ADM's ``_vb_terms_bpd``). ``x0_hat`` is used as given: pass
+    ``stop_gradient(x0_hat)`` for iDDPM's L_hybrid.
     """
+    if variance not in SAMPLER_VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(SAMPLER_VARIANCES)}")
+    if (v is None) != (variance != "learned_range"):
+        raise ValueError("vlb_term: pass v exactly when variance='learned_range'")
     tab = {k: jnp.asarray(v_, jnp.float32) for k, v_ in posterior_tables(process.alphas_cumprod).items()}
     ti = jnp.asarray(t).astype(jnp.int32)
     b = lambda name: jnp.reshape(tab[name][ti], (-1,) + (1,) * (x0.ndim - 1))  # noqa: E731
     mean_model = b("coef_x0") * x0_hat + b("coef_xt") * x_t
     mean_gap = b("coef_x0") * (x0 - x0_hat)  # mean_true - mean_model, without the x_t terms' cancellation
-    log_var = learned_range_log_variance(v.astype(jnp.float32), b("log_beta"), b("log_beta_tilde"))
+    first = jnp.reshape(ti == 0, (-1,) + (1,) * (x0.ndim - 1))
+    # excess = log Sigma - log beta~, in [0, log_ratio] over the learned range: kept apart from the
+    # logs so that the KL's variance part (excess + e^-excess - 1) / 2 keeps its precision
+    if variance == "learned_range":
+        excess = (v.astype(jnp.float32) + 1.0) / 2.0 * b("log_ratio")  # iDDPM Eq. 15
+    elif variance == "fixed_small":
+        excess = jnp.zeros_like(b("log_ratio"))
+    else:  # fixed_large; t = 0 takes beta~_1 (ADM's table)
+        excess = jnp.where(first, 0.0, b("log_ratio"))
+    log_var = b("log_beta_tilde") + excess
     axes = tuple(range(1, x0.ndim))
-    kl = jnp.mean(normal_kl(mean_gap, b("log_beta_tilde"), 0.0, log_var), axis=axes)
+    kl = jnp.mean(0.5 * (_x_plus_expm1_neg(excess) + mean_gap**2 * jnp.exp(-log_var)), axis=axes)
     # Each branch is evaluated at harmless values where the other one is selected, so that its
     # gradient there is 0, not 0 * inf (e.g. the decoder's far tails at large t).
-    first = jnp.reshape(ti == 0, (-1,) + (1,) * (x0.ndim - 1))
     nll = -jnp.mean(discretized_gaussian_log_likelihood(
         x0, jnp.where(first, mean_model, x0), 0.5 * jnp.where(first, log_var, 0.0), bins=bins), axis=axes)
     return jnp.where(ti == 0, nll, kl) / math.log(2.0)
+
+
+def vlb_bits_per_dim(denoise, process: DiscreteVP, x0, key, *, variance: str = "fixed_small",
+                     clip_denoised: float | None = None, bins: int = 256):
+    """The variational bound on the negative log-likelihood of 8-bit data, term by term, in bits
+    per dimension (Ho et al. 2020, Eq. 5; iDDPM's NLL tables; ADM's ``calc_bpd_loop``):
+
+    ``L_prior + sum_{t >= 1} L_{t-1} + L_0`` with ``L_prior = KL(q(x_{T-1} | x0) || N(0, I))``,
+    every term from one draw of ``x_t ~ q(x_t | x0)`` (independent per t), T network calls in a
+    ``lax.map``. ``denoise(x, t) -> x0_hat``, or ``-> (x0_hat, v)`` with ``variance="learned_range"``
+    (:func:`jaxdiff.modeling.denoiser`); ``clip_denoised``: clip x0_hat to [-c, c] first (ADM's
+    ``image_nll.py`` clips to 1). ``x0``: data on ``bins`` levels scaled to [-1, 1].
+
+    Returns ``{"total", "prior", "decoder"}`` of shape (B,) and ``"terms"`` (T, B), the term at
+    each t (t = 0 is the decoder's).
+    """
+    if not isinstance(process, DiscreteVP):
+        raise ValueError(f"vlb_bits_per_dim: the bound is a sum over a discrete chain's steps; got "
+                         f"{type(process).__name__} (for continuous processes: jaxdiff.metrics.likelihood)")
+    T = process.num_train_timesteps
+    x0 = jnp.asarray(x0, jnp.float32)
+    batch = x0.shape[0]
+
+    def one(args):
+        t, k = args
+        tb = jnp.full((batch,), t, jnp.float32)
+        x_t = process.marginal(x0, tb, jax.random.normal(k, x0.shape, jnp.float32))
+        out = denoise(x_t, tb)
+        v = None
+        if variance == "learned_range":
+            out, v = out
+        x0_hat = out.astype(jnp.float32)
+        if clip_denoised is not None:
+            x0_hat = jnp.clip(x0_hat, -clip_denoised, clip_denoised)
+        return vlb_term(process, x0, x_t, tb, x0_hat, v, variance=variance, bins=bins)
+
+    terms = jax.lax.map(one, (jnp.arange(T, dtype=jnp.float32), jax.random.split(key, T)))
+    a = jnp.float32(math.sqrt(process.alphas_cumprod[-1]))
+    log_var_T = jnp.float32(math.log1p(-process.alphas_cumprod[-1]))
+    prior = jnp.mean(normal_kl(a * x0, log_var_T, 0.0, 0.0), axis=tuple(range(1, x0.ndim))) / math.log(2.0)
+    return {"total": prior + jnp.sum(terms, axis=0), "prior": prior, "decoder": terms[0], "terms": terms}

@@ -150,6 +150,10 @@ def test_learned_variance_unet_samples_like_diffusers_ddpm(tmp_path, monkeypatch
     diffusers.DDPMScheduler(variance_type="learned_range").save_pretrained(str(tmp_path / "bad" / "scheduler"))
     with pytest.raises(ValueError, match="not 2 x 3"):
         import_pipeline(str(tmp_path / "bad"), str(tmp_path / "wd2"))
+    # diffusers' fixed_small_log is fixed_small's variance (exponentiated from its log)
+    diffusers.DDPMScheduler(variance_type="fixed_small_log").save_pretrained(str(tmp_path / "bad" / "scheduler"))
+    summary = import_pipeline(str(tmp_path / "bad"), str(tmp_path / "wd3"))
+    assert summary["variance"] == "fixed" and summary["sample_variance"] == "fixed_small"
 
 
 def test_cli_import_flat_layout_and_refusals(tmp_path):

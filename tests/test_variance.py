@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from jaxdiff import losses as L
+from jaxdiff import parameterization as PZ
 from jaxdiff import processes as P
 from jaxdiff import variance as V
 
@@ -86,10 +87,15 @@ def test_vlb_term_closed_forms():
     # v = +1 (Sigma = beta): 0.5 (-1 + log beta - log beta~ + beta~ / beta) nats per dimension
     kl1 = np.asarray(V.vlb_term(PROC, x0, xt, t, x0, jnp.ones_like(x0)))
     ti = np.asarray(t, int)
-    d = tab["log_beta"][ti] - tab["log_beta_tilde"][ti]
-    # (float32 log tables: d itself is known to ~1e-6 absolute, hence the atol at t = 999)
-    np.testing.assert_allclose(kl1, 0.5 * (d + np.expm1(-d)) / math.log(2), rtol=1e-3, atol=1e-11)
-    assert np.all(kl1 > 0)
+    ac = np.asarray(PROC.alphas_cumprod, np.float64)
+    d = np.log((1 - ac[ti]) / (1 - ac[ti - 1]))  # log beta - log beta~ in float64: 8.2e-7 at t = 999
+    np.testing.assert_allclose(kl1, 0.5 * (d + np.expm1(-d)) / math.log(2), rtol=1e-5)
+    # its gradient in v at v = 0.3: d/dv (e + e^-e - 1) / 2 with e = (v + 1) / 2 * d, per dimension
+    for i in range(3):
+        g = jax.grad(lambda v, i=i: V.vlb_term(PROC, x0[i:i + 1], xt[i:i + 1], t[i:i + 1], x0[i:i + 1],
+                                               jnp.full_like(x0[i:i + 1], v))[0])(jnp.float32(0.3))
+        e = 0.65 * d[i]
+        assert float(g) == pytest.approx(0.5 * -np.expm1(-e) * d[i] / 2 / math.log(2), rel=1e-4)
     # a mean error e adds e^2 / (2 Sigma) nats: here with Sigma = beta~ (v = -1)
     x0_hat = x0 + 0.1
     kl_e = np.asarray(V.vlb_term(PROC, x0, xt, t, x0_hat, -jnp.ones_like(x0)))
@@ -187,6 +193,70 @@ def test_learned_variance_errors():
     with pytest.raises(ValueError, match="t_density='default'"):
         L.diffusion_loss(_two_headed_net(1.0, 1.0), x0, jax.random.key(0), process=PROC, prediction="epsilon",
                          variance="learned_range", t_density="uniform")
+    zero_snr = P.discrete_vp("linear", rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        L.diffusion_loss(_two_headed_net(1.0, 1.0), x0, jax.random.key(0), process=zero_snr, prediction="epsilon",
+                         variance="learned_range")
+    # v-prediction is finite there, values and gradients, also at the last step (alpha = 0)
+    t_last = jnp.full((2,), 999.0)
+    xt = zero_snr.marginal(x0 + 0.3, t_last, jnp.ones_like(x0))
+    out = _two_headed_net(0.5, 0.5)(xt, t_last)
+    x0_hat = PZ.to_x0("v_prediction", out[..., :3], xt, t_last, zero_snr)
+    grad = jax.grad(lambda v: jnp.sum(V.vlb_term(zero_snr, x0 + 0.3, xt, t_last, x0_hat, v)))(out[..., 3:])
+    assert np.all(np.isfinite(np.asarray(grad))) and np.any(np.asarray(grad) != 0)
     with pytest.raises(ValueError, match="unknown variance"):
         L.diffusion_loss(_two_headed_net(1.0, 1.0), x0, jax.random.key(0), process=PROC, prediction="epsilon",
                          variance="learned")
+
+
+def test_vlb_bits_per_dim_closed_form_on_a_point_mass():
+    """Data that is one 8-bit level c everywhere and the oracle denoiser x0_hat = c: every KL term
+    is then the variances' mismatch alone (0 for beta~, closed form for beta), the decoder is the
+    mass of c's bin under N(c, beta~_1) and the prior KL(N(sqrt(abar) c, 1 - abar) || N(0, 1));
+    all written here from alphas_cumprod in float64."""
+    c = np.linspace(-1, 1, 256)[170]
+    x0 = jnp.full((2, 4, 4, 1), c, jnp.float32)
+    oracle = lambda x, t: jnp.full_like(x, c)  # noqa: E731
+    ac = np.asarray(PROC.alphas_cumprod, np.float64)
+    prev = np.concatenate([[1.0], ac[:-1]])
+    beta = 1 - ac / prev
+    beta_tilde = beta * (1 - prev) / (1 - ac)
+    prior = 0.5 * (-1 - np.log1p(-ac[-1]) + (1 - ac[-1]) + ac[-1] * c**2) / math.log(2)
+    sd = math.sqrt(beta_tilde[1])
+    decoder = -math.log(stats.norm.cdf(1 / 255 / sd) - stats.norm.cdf(-1 / 255 / sd)) / math.log(2)
+    d = np.log(beta[1:]) - np.log(beta_tilde[1:])
+    large_terms = 0.5 * (d - 1 + np.exp(-d)) / math.log(2)
+
+    small = V.vlb_bits_per_dim(oracle, PROC, x0, jax.random.key(0), variance="fixed_small")
+    assert small["terms"].shape == (1000, 2)
+    np.testing.assert_allclose(np.asarray(small["prior"]), prior, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(small["decoder"]), decoder, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(small["terms"][1:]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(small["total"]), prior + decoder, rtol=1e-5)
+    large = V.vlb_bits_per_dim(oracle, PROC, x0, jax.random.key(0), variance="fixed_large")
+    np.testing.assert_allclose(np.asarray(large["terms"][1:, 0]), large_terms, rtol=2e-3, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(large["total"]), prior + decoder + large_terms.sum(), rtol=1e-4)
+    # learned_range at its ends: v = -1 is fixed_small; v = +1 is fixed_large for t >= 1
+    for v, ref in ((-1.0, small), (1.0, large)):
+        out = V.vlb_bits_per_dim(lambda x, t, v=v: (oracle(x, t), jnp.full_like(x, v)), PROC, x0,
+                                 jax.random.key(0), variance="learned_range")
+        np.testing.assert_allclose(np.asarray(out["terms"][1:]), np.asarray(ref["terms"][1:]), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="discrete chain"):
+        V.vlb_bits_per_dim(oracle, P.VPCosine(), x0, jax.random.key(0))
+
+
+def test_vlb_bits_per_dim_of_a_wrong_denoiser_is_larger():
+    """The bound of a denoiser that is off by 0.05 exceeds the oracle's by the mean-gap terms
+    sum_t coef_x0^2 0.05^2 / (2 beta~_t) / log 2 (exactly, up to float32), on the same point mass."""
+    c = np.linspace(-1, 1, 256)[40]
+    x0 = jnp.full((1, 2, 2, 1), c, jnp.float32)
+    ac = np.asarray(PROC.alphas_cumprod, np.float64)
+    prev = np.concatenate([[1.0], ac[:-1]])
+    beta = 1 - ac / prev
+    beta_tilde = beta * (1 - prev) / (1 - ac)
+    coef = np.sqrt(prev) * beta / (1 - ac)
+    exact = V.vlb_bits_per_dim(lambda x, t: jnp.full_like(x, c), PROC, x0, jax.random.key(1))
+    off = V.vlb_bits_per_dim(lambda x, t: jnp.full_like(x, c + 0.05), PROC, x0, jax.random.key(1))
+    gap = np.asarray(off["terms"][1:, 0] - exact["terms"][1:, 0], np.float64)
+    np.testing.assert_allclose(gap, (coef[1:] * 0.05) ** 2 / (2 * beta_tilde[1:]) / math.log(2), rtol=1e-3)
+    assert float(off["total"][0]) > float(exact["total"][0])

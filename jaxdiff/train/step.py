@@ -103,6 +103,7 @@ def make_train_step(config, model, tx):
         min_snr_gamma=float(d.get("min_snr_gamma", 5.0)), p2_gamma=float(d.get("p2_gamma", 1.0)),
         p2_k=float(d.get("p2_k", 1.0)), sigma_data=float(d.get("sigma_data", 0.5)),
         variance=str(d.get("variance", "fixed")), vlb_weight=float(d.get("vlb_weight", 0.001)),
+        vlb_bins=int(d.get("vlb_bins", 256)),
     )
     if loss_kwargs["variance"] == "learned_range":
         channels = None  # the loss splits the 2C outputs into prediction and variance
