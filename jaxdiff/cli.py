@@ -41,6 +41,9 @@ flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidanc
                    "config.sample.guidance_scale; 1 = conditional model, 0 = unconditional).")
 flags.DEFINE_string("guidance_interval", None, "sample/eval: 'lo,hi': guide only where sigma/alpha is in (lo, hi] "
                     "(Kynkaanniemi et al. 2024); '' = every step.")
+flags.DEFINE_enum("variance", None, ["fixed_small", "fixed_large", "learned_range"],
+                  "sample/eval with --sampler ddpm: the reverse variance (default: config.sample.variance, else the "
+                  "learned one for a diffusion.variance='learned_range' model, else fixed_small).")
 flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin et al. 2024; 0 = off).")
 # eval / stats (issue 5)
 flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (also --num-samples).")
@@ -81,10 +84,16 @@ def _sample() -> None:
     sampler = FLAGS.sampler or config.sample.sampler
     steps = FLAGS.steps or int(config.sample.steps)
     num = FLAGS.num or int(config.sample.num)
+    options = {}
+    if FLAGS.variance:
+        if sampler != "ddpm":
+            raise app.UsageError(f"--variance is an option of --sampler ddpm, not of {sampler!r}")
+        options["variance"] = FLAGS.variance
     images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
                       num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
-                      guidance_override=_guidance_flags())
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}.png")
+                      guidance_override=_guidance_flags(), **options)
+    tag = f"_{FLAGS.variance}" if FLAGS.variance else ""
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}{tag}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
     print(json.dumps({"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}))
 
@@ -109,13 +118,15 @@ def _eval() -> None:
 
     if FLAGS.workdir is None:
         raise app.UsageError("jaxdiff eval needs --workdir (and --ref STATS.npz unless --features digits)")
+    if FLAGS.variance and FLAGS.sampler and FLAGS.sampler != "ddpm":
+        raise app.UsageError(f"--variance is an option of --sampler ddpm, not of {FLAGS.sampler!r}")
     if FLAGS.features == "inception" and not FLAGS.ref:
         raise app.UsageError("jaxdiff eval --features inception needs --ref STATS.npz (make one with `jaxdiff stats`)")
     try:
         summary = run_eval(FLAGS.workdir, num=FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
                            ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                            batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
-                           progress=FLAGS.progress, guidance=_guidance_flags())
+                           progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance)
     except FileNotFoundError as e:  # missing weights / reference / workdir: the message says what to do
         raise app.UsageError(str(e)) from None
     print(json.dumps(summary, indent=2))

@@ -306,12 +306,15 @@ def _json_ready(d: dict) -> dict:
 def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int | None = None,
              ref: str | None = None, features: str = "inception", inception_weights: str | None = None,
              batch_size: int = 256, seed: int = 1, which: str = "", out: str | None = None,
-             progress: bool = True, guidance: dict | None = None) -> dict:
+             progress: bool = True, guidance: dict | None = None, variance: str | None = None) -> dict:
     """``jaxdiff eval``: sample ``num`` images from ``workdir``'s latest checkpoint, score them
     against the reference statistics ``ref`` and write the result to a JSON file.
 
     ``guidance``: classifier-free guidance settings overriding ``config.sample.guidance_*``
     (``{"scale", "interval", "rescale"}``, see :func:`jaxdiff.generate.guidance_settings`).
+    ``variance``: ``ddpm``'s reverse variance (``fixed_small``, ``fixed_large``, ``learned_range``;
+    default :func:`jaxdiff.generate.ddpm_variance`), recorded in the result and, when given, in
+    the file name.
 
     With ``features="digits"`` and no ``ref``, the reference is the digits the model trained on
     (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
@@ -334,17 +337,25 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
         ref = f"{config.data.name} train split"
     else:
         raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
-    from jaxdiff.generate import guidance_settings
+    from jaxdiff.generate import ddpm_variance, guidance_settings
 
     g = guidance_settings(config, guidance)
-    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}.json")
+    options = {}
+    if variance:
+        if sampler != "ddpm":
+            raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r}")
+        options["variance"] = variance
+    tag = f"_{variance}" if variance else ""
+    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}{tag}.json")
     feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None
     result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
                             num_steps=steps, extractor=extractor, batch_size=batch_size,
-                            features_path=feats_path, progress=progress, guidance_override=g)
+                            features_path=feats_path, progress=progress, guidance_override=g, **options)
     summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": steps,
                "num_samples": int(num), "seed": int(seed), "features": features, "ref": ref, "guidance": g,
                **compare_to_reference(result, reference)}
+    if sampler == "ddpm":
+        summary["variance"] = ddpm_variance(config, variance)
     summary["eval_seconds"] = round(time.time() - t0, 1)
     summary = _json_ready(summary)
     if jax.process_index() == 0:

@@ -21,7 +21,7 @@ from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, d
                               num_classes)
 from jaxdiff.schedules import make_grid
 
-__all__ = ["make_sample_fn", "generate", "class_labels", "guidance_settings"]
+__all__ = ["make_sample_fn", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
 
 
 def guidance_settings(config, override: dict | None = None) -> dict:
@@ -35,6 +35,15 @@ def guidance_settings(config, override: dict | None = None) -> dict:
     if g["interval"] is not None and len(g["interval"]) != 2:
         raise ValueError(f"sample.guidance_interval must be () or (lo, hi), got {g['interval']!r}")
     return g
+
+
+def ddpm_variance(config, override: str | None = None) -> str:
+    """The reverse variance ``ddpm`` uses for ``config``: ``override``, else ``config.sample.variance``,
+    else ``learned_range`` for a model trained with ``diffusion.variance="learned_range"``, else
+    ``fixed_small``."""
+    sc = config.get("sample") or {}
+    return (override or str(sc.get("variance", "") or "")
+            or ("learned_range" if learns_variance(config) else "fixed_small"))
 
 
 def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, grid_kind=None,
@@ -61,8 +70,9 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     if clip > 0 and sampler in ("ddpm", "ddim"):
         options.setdefault("clip_denoised", clip)
     if sampler == "ddpm":
-        options.setdefault("variance", str(sc.get("variance", "") or "")
-                           or ("learned_range" if learns_variance(config) else "fixed_small"))
+        options.setdefault("variance", ddpm_variance(config))
+    elif options.get("variance"):
+        raise ValueError(f"variance={options['variance']!r} is an option of the ddpm sampler, not of {sampler!r}")
     with_variance = options.get("variance") == "learned_range"
     if with_variance and not learns_variance(config):
         raise ValueError("ddpm with variance='learned_range' needs a model trained with "

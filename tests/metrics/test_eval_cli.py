@@ -92,3 +92,28 @@ def test_eval_with_guidance_flags_matches_generate_with_cfg(run):
                       progress=False, guidance_override={"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0})
     _, logits = D.features_and_logits(images)
     assert result["class_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == class_labels(config, 20)))
+
+
+def test_eval_and_sample_with_a_ddpm_variance(run):
+    root, cache, wd, _ = run
+    out = root / "eval_large.json"
+    run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--num-samples=20", "--features=digits",
+                "--batch_size=20", "--sampler=ddpm", "--steps=4", "--variance=fixed_large", f"--out={out}",
+                "--noprogress"], cache_dir=cache)
+    result = json.loads(out.read_text())
+    assert result["variance"] == "fixed_large"
+
+    from jaxdiff.eval import restore_for_sampling
+    from jaxdiff.generate import class_labels, generate
+
+    config, model, params, _ = restore_for_sampling(str(wd))
+    images = generate(config, model, params, 20, jax.random.PRNGKey(1), sampler="ddpm", num_steps=4, batch_size=20,
+                      progress=False, variance="fixed_large")
+    small = generate(config, model, params, 20, jax.random.PRNGKey(1), sampler="ddpm", num_steps=4, batch_size=20,
+                     progress=False)
+    assert np.max(np.abs(images - small)) > 1e-3
+    _, logits = D.features_and_logits(images)
+    assert result["class_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == class_labels(config, 20)))
+    proc = run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--num=4", "--sampler=ddpm", "--steps=3",
+                       "--variance=fixed_large", "--noprogress"], cache_dir=cache)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["out"].endswith("ddpm_3_fixed_large.png")

@@ -131,3 +131,16 @@ def test_config_checks():
     batch = {"image": jnp.zeros((8, 8, 8, 1)), "label": jnp.zeros(8, jnp.int32)}
     with pytest.raises(ValueError, match="model.learn_sigma=True"):
         make_train_step(bad, model, tx)(state, batch)
+
+
+def test_ddpm_variance_defaults_and_refusals(trained):
+    from jaxdiff.generate import ddpm_variance
+
+    cfg_fixed, model_fixed, _, state_fixed, _ = trained["fixed"]
+    cfg_learned = trained["learned_range"][0]
+    assert ddpm_variance(cfg_fixed) == "fixed_small" and ddpm_variance(cfg_learned) == "learned_range"
+    assert ddpm_variance(cfg_learned, "fixed_large") == "fixed_large"
+    with pytest.raises(ValueError, match="option of the ddpm sampler"):
+        make_sample_fn(cfg_fixed, model_fixed, "ddim", 3, 2, variance="fixed_large")
+    with pytest.raises(ValueError, match="needs a model trained with"):
+        make_sample_fn(cfg_fixed, model_fixed, "ddpm", 3, 2, variance="learned_range")
