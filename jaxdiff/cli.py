@@ -95,7 +95,12 @@ def _sample() -> None:
     tag = f"_{FLAGS.variance}" if FLAGS.variance else ""
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}{tag}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
-    print(json.dumps({"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}))
+    summary = {"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}
+    if sampler == "ddpm":
+        from jaxdiff.generate import ddpm_variance
+
+        summary["variance"] = ddpm_variance(config, FLAGS.variance)
+    print(json.dumps(summary))
 
 
 def _guidance_flags() -> dict:
@@ -127,8 +132,8 @@ def _eval() -> None:
                            ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                            batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
                            progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance)
-    except FileNotFoundError as e:  # missing weights / reference / workdir: the message says what to do
-        raise app.UsageError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:  # missing weights / reference / workdir, a flag that does not
+        raise app.UsageError(str(e)) from None  # fit the model or sampler: the message says what to do
     print(json.dumps(summary, indent=2))
 
 

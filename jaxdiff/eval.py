@@ -328,6 +328,14 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     config, model, params, step = restore_for_sampling(workdir, which)
     sampler = sampler or config.sample.sampler
     steps = int(steps or config.sample.steps)
+    if variance:  # before any sampling or reference statistics
+        from jaxdiff.modeling import learns_variance
+
+        if sampler != "ddpm":
+            raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r} "
+                             "(pass --sampler ddpm)")
+        if variance == "learned_range" and not learns_variance(config):
+            raise ValueError("--variance=learned_range needs a model trained with diffusion.variance='learned_range'")
     if ref:
         reference = M.load_stats(ref)
     elif features == "digits":
@@ -340,11 +348,7 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     from jaxdiff.generate import ddpm_variance, guidance_settings
 
     g = guidance_settings(config, guidance)
-    options = {}
-    if variance:
-        if sampler != "ddpm":
-            raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r}")
-        options["variance"] = variance
+    options = {"variance": variance} if variance else {}
     tag = f"_{variance}" if variance else ""
     out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}{tag}.json")
     feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None

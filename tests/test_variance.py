@@ -204,6 +204,16 @@ def test_learned_variance_errors():
     x0_hat = PZ.to_x0("v_prediction", out[..., :3], xt, t_last, zero_snr)
     grad = jax.grad(lambda v: jnp.sum(V.vlb_term(zero_snr, x0 + 0.3, xt, t_last, x0_hat, v)))(out[..., 3:])
     assert np.all(np.isfinite(np.asarray(grad))) and np.any(np.asarray(grad) != 0)
+    # and diffusion_loss accepts it: finite loss and gradients over a batch whose times reach the end (>= 990)
+    xb = jax.random.uniform(jax.random.key(2), (64, 4, 4, 3), minval=-1, maxval=1)
+
+    def hybrid(w):
+        return jnp.mean(L.diffusion_loss(_two_headed_net(w, w), xb, jax.random.key(3), process=zero_snr,
+                                         prediction="v_prediction", variance="learned_range"))
+
+    ts = L.sample_times(jax.random.split(jax.random.key(3))[0], 64, zero_snr)
+    loss, g = jax.value_and_grad(hybrid)(jnp.float32(0.5))
+    assert np.isfinite(float(loss)) and np.isfinite(float(g)) and float(jnp.max(ts)) >= 990
     with pytest.raises(ValueError, match="unknown variance"):
         L.diffusion_loss(_two_headed_net(1.0, 1.0), x0, jax.random.key(0), process=PROC, prediction="epsilon",
                          variance="learned")
@@ -260,3 +270,82 @@ def test_vlb_bits_per_dim_of_a_wrong_denoiser_is_larger():
     gap = np.asarray(off["terms"][1:, 0] - exact["terms"][1:, 0], np.float64)
     np.testing.assert_allclose(gap, (coef[1:] * 0.05) ** 2 / (2 * beta_tilde[1:]) / math.log(2), rtol=1e-3)
     assert float(off["total"][0]) > float(exact["total"][0])
+
+
+def _bpd_loop_float64(denoise64, ac, x0, noises, variance, v64=None, clip=None, bins=256):
+    """guided-diffusion's calc_bpd_loop written out in float64 (exact normal CDF): prior KL plus,
+    for every t, KL(q(x_{t-1} | x_t, x0) || p) or the decoder at t = 0, in bits per dimension."""
+    ac = np.asarray(ac, np.float64)
+    prev = np.concatenate([[1.0], ac[:-1]])
+    beta = 1 - ac / prev
+    post_var = beta * (1 - prev) / (1 - ac)
+    log_post_clipped = np.log(np.concatenate([post_var[1:2], post_var[1:]]))
+    log_large = np.log(np.concatenate([post_var[1:2], beta[1:]]))
+    total = 0.5 * (-1 - np.log1p(-ac[-1]) + (1 - ac[-1]) + ac[-1] * x0**2).mean(axis=(1, 2, 3)) / math.log(2)
+    half = 1 / (bins - 1)
+    for t in range(len(ac)):
+        xt = math.sqrt(ac[t]) * x0 + math.sqrt(1 - ac[t]) * noises[t]
+        x0_hat = denoise64(xt, t)
+        if clip is not None:
+            x0_hat = np.clip(x0_hat, -clip, clip)
+        mean = math.sqrt(prev[t]) * beta[t] / (1 - ac[t]) * x0_hat + math.sqrt(ac[t] / prev[t]) * (1 - prev[t]) / (1 - ac[t]) * xt
+        if variance == "learned_range":
+            f = (v64(xt, t) + 1) / 2
+            lv = f * np.log(beta[t]) + (1 - f) * log_post_clipped[t]
+        else:
+            lv = np.full_like(x0, log_post_clipped[t] if variance == "fixed_small" else log_large[t])
+        if t == 0:
+            sd = np.exp(0.5 * lv)
+            up, lo = stats.norm.cdf((x0 - mean + half) / sd), stats.norm.cdf((x0 - mean - half) / sd)
+            p = np.where(x0 < -0.999, up, np.where(x0 > 0.999, 1 - lo, up - lo))
+            term = -np.log(p)
+        else:
+            true_mean = (math.sqrt(prev[t]) * beta[t] / (1 - ac[t]) * x0
+                         + math.sqrt(ac[t] / prev[t]) * (1 - prev[t]) / (1 - ac[t]) * xt)
+            lv1 = log_post_clipped[t]
+            term = 0.5 * (-1 + lv - lv1 + np.exp(lv1 - lv) + (true_mean - mean) ** 2 * np.exp(-lv))
+        total = total + term.mean(axis=(1, 2, 3)) / math.log(2)
+    return total
+
+
+@pytest.mark.parametrize("variance", ["learned_range", "fixed_large"])
+def test_vlb_bits_per_dim_equals_a_float64_bpd_loop(variance):
+    """A denoiser that depends on x_t and t, clipping, learned v: the whole bound against the
+    float64 loop above on a 50-step chain, with the same per-t noise."""
+    proc = P.discrete_vp("linear", num_train_timesteps=50, beta_start=1e-3, beta_end=0.2)
+    rng = np.random.default_rng(4)
+    x0 = np.linspace(-1, 1, 256)[rng.integers(0, 256, (3, 4, 4, 2))]
+    key = jax.random.key(8)
+    noises = [np.asarray(jax.random.normal(k, x0.shape, jnp.float32), np.float64) for k in jax.random.split(key, 50)]
+    d64 = lambda xt, t: 1.3 * np.tanh(0.8 * xt + 0.01 * t)  # noqa: E731
+    v64 = lambda xt, t: np.tanh(0.5 * xt - 0.03 * t)  # noqa: E731
+
+    def den(xt, t):
+        tb = jnp.reshape(t, (-1, 1, 1, 1))
+        x0_hat = 1.3 * jnp.tanh(0.8 * xt + 0.01 * tb)
+        return (x0_hat, jnp.tanh(0.5 * xt - 0.03 * tb)) if variance == "learned_range" else x0_hat
+
+    ours = V.vlb_bits_per_dim(den, proc, jnp.asarray(x0, jnp.float32), key, variance=variance, clip_denoised=1.0)
+    want = _bpd_loop_float64(d64, proc.alphas_cumprod, x0, noises, variance, v64, clip=1.0)
+    np.testing.assert_allclose(np.asarray(ours["total"]), want, rtol=2e-5)
+
+
+def test_decoder_edges_at_adm_threshold():
+    """Continuous data between the last two levels' midpoint and ADM's 0.999 is an interior bin."""
+    for x in (0.9975, -0.9975):
+        m = math.copysign(0.99, x)
+        got = float(V.discretized_gaussian_log_likelihood(jnp.float32(x), jnp.float32(m), jnp.float32(np.log(0.01))))
+        z_up, z_lo = (x + 1 / 255 - m) / 0.01, (x - 1 / 255 - m) / 0.01
+        assert got == pytest.approx(math.log(stats.norm.cdf(z_up) - stats.norm.cdf(z_lo)), rel=1e-4)
+    edge = float(V.discretized_gaussian_log_likelihood(jnp.float32(0.9995), jnp.float32(0.99), jnp.float32(np.log(0.01))))
+    assert edge == pytest.approx(stats.norm.logsf((0.9995 - 1 / 255 - 0.99) / 0.01), rel=1e-4)
+
+
+def test_kl_variance_part_is_accurate_across_its_series_switch():
+    x = np.concatenate([-np.logspace(-8, 1, 60), np.logspace(-8, 1, 60), [0.0999, 0.1, 0.1001, -0.0999, -0.1001]])
+    got = np.asarray(V._x_plus_expm1_neg(jnp.asarray(x, jnp.float32)), np.float64)
+    x32 = np.asarray(x, np.float32).astype(np.float64)  # the value the function was given
+    want = x32 + np.expm1(-x32)
+    np.testing.assert_allclose(got, want, rtol=5e-6, atol=0)
+    grad = np.asarray(jax.vmap(jax.grad(V._x_plus_expm1_neg))(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(grad, -np.expm1(-x32), rtol=1e-6)

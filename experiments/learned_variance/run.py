@@ -16,7 +16,7 @@ objective: ``simple`` (L_simple, the default: eps-MSE, fixed variances) and ``hy
 iDDPM's claims this checks at small scale: with learned variances, ancestral sampling with few
 steps is much better than with fixed ones (their Fig. 8), and L_hybrid lowers the bound.
 
-    python experiments/learned_variance/run.py    # ~25 min on 2 CPU cores: training ~7, sampling and bounds ~18
+    python experiments/learned_variance/run.py    # 35 min on 2 CPU cores: training 2 x 2.4, sampling and bounds ~30
 """
 
 from __future__ import annotations

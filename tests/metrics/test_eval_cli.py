@@ -111,9 +111,18 @@ def test_eval_and_sample_with_a_ddpm_variance(run):
                       progress=False, variance="fixed_large")
     small = generate(config, model, params, 20, jax.random.PRNGKey(1), sampler="ddpm", num_steps=4, batch_size=20,
                      progress=False)
-    assert np.max(np.abs(images - small)) > 1e-3
-    _, logits = D.features_and_logits(images)
+    feats, logits = D.features_and_logits(images)
+    train_feats, _ = D.features_and_logits(load_digits("train")[0])
+    ref = M.feature_statistics(train_feats)
+    fid = M.frechet_distance(*M.feature_statistics(feats), *ref)
+    fid_small = M.frechet_distance(*M.feature_statistics(D.features_and_logits(small)[0]), *ref)
+    # the tiny model's samples are far from digits (FD ~7e7); fixed_small's differ by ~3e4, the
+    # streamed evaluation from the direct one by float rounding only
+    assert result["fid"] == pytest.approx(fid, rel=1e-4)
+    gap = abs(fid_small - fid)  # sampled with fixed_large, not the default
+    assert gap > 1e-4 * fid and gap > 100 * abs(result["fid"] - fid)
     assert result["class_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == class_labels(config, 20)))
     proc = run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--num=4", "--sampler=ddpm", "--steps=3",
                        "--variance=fixed_large", "--noprogress"], cache_dir=cache)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["out"].endswith("ddpm_3_fixed_large.png")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["out"].endswith("ddpm_3_fixed_large.png") and summary["variance"] == "fixed_large"
