@@ -37,12 +37,12 @@ sys.path.insert(0, REPO)
 
 from jaxdiff.checkpoint import CheckpointManager  # noqa: E402
 from jaxdiff.data.digits import load_digits  # noqa: E402
+from jaxdiff.eval import restore_for_sampling  # noqa: E402
 from jaxdiff.generate import generate  # noqa: E402
 from jaxdiff.metrics import digits_classifier as D  # noqa: E402
 from jaxdiff.metrics.grid import save_image_grid  # noqa: E402
-from jaxdiff.modeling import build_model, build_process, denoiser  # noqa: E402
-from jaxdiff.train.loop import make_init_fn, sampling_params, train  # noqa: E402
-from jaxdiff.train.state import make_optimizer  # noqa: E402
+from jaxdiff.modeling import build_process, denoiser  # noqa: E402
+from jaxdiff.train.loop import train  # noqa: E402
 from jaxdiff.variance import vlb_bits_per_dim  # noqa: E402
 
 STEPS = (10, 25, 50, 100, 250, 1000)
@@ -63,21 +63,17 @@ def load_config(objective: str):
 
 
 def trained(config, workdir, progress):
+    """Train ``config`` in ``workdir`` unless a finished run is there; the EMA weights."""
     ckpt = CheckpointManager(workdir, save_every=1)
     step = ckpt.latest_step()
+    ckpt.close()
     seconds = None
     if step is None or step < int(config.train.num_steps):
-        ckpt.close()
         t0 = time.time()
         train(config, workdir, progress=progress, sample_at_end=False)
         seconds = time.time() - t0
-        ckpt = CheckpointManager(workdir, save_every=1)
-        step = ckpt.latest_step()
-    model = build_model(config)
-    abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config)), jax.random.PRNGKey(0))
-    state = ckpt.restore(abstract, step)
-    ckpt.close()
-    return model, sampling_params(state, config.sample.get("params")), int(step), seconds
+    _, model, params, step = restore_for_sampling(workdir)
+    return model, params, int(step), seconds
 
 
 def main():
