@@ -64,7 +64,10 @@ def ddpm(denoise, x, grid, *, key=None, clip_denoised: float | None = None, vari
             if variance == "fixed_large":
                 std = jnp.where(last, 0.0, jnp.sqrt(var_ts))
             else:
-                log_beta, log_beta_tilde = step_log_variances(s.alpha, s.sigma, s.alpha_next, s.sigma_next)
+                # finite stand-ins on the last step (its noise is 0 anyway), so that gradients through
+                # the loop see no log(0)
+                log_beta, log_beta_tilde = step_log_variances(
+                    s.alpha, s.sigma, jnp.where(last, s.alpha, s.alpha_next), jnp.where(last, 0.5 * s.sigma, s.sigma_next))
                 log_var = learned_range_log_variance(v.astype(jnp.float32), log_beta, log_beta_tilde)
                 std = jnp.where(last, 0.0, jnp.exp(0.5 * log_var))
         z = jax.random.normal(s.key, x.shape, jnp.float32)
