@@ -5,20 +5,26 @@ learned sigma: 2 x 4 output channels trained with iDDPM's L_hybrid = L_simple + 
 (``diffusion.variance="learned_range"``, Nichol & Dhariwal 2021 Eq. 16), and DDPM's 250 sampling
 steps use the learned variances (iDDPM Eq. 15), as DiT's ``sample.py`` does.
 
-Shapes only here: jaxdiff does not ship an ImageNet latent dataset. ``data.tfds_name`` must name
-a prepared TFDS dataset of 32x32x4 latents (scaled by 0.18215) with labels (the encoder:
-``jaxdiff.nets.vae.AutoencoderKL.encode``). Samples are latents; with ``sample.vae`` set to a
-local copy of the SD VAE (diffusers' ``AutoencoderKL`` folder, e.g. ``stabilityai/sd-vae-ft-ema``)
-``jaxdiff sample`` / ``eval`` decode them to 256x256 images, as DiT does."""
+The data: ImageNet's training images encoded once by the SD VAE (a local copy of diffusers'
+``stabilityai/sd-vae-ft-ema``; jaxdiff downloads nothing), cropped and flipped as DiT's
+``train.py`` does, into a latent dataset (:mod:`jaxdiff.data.latents`; the step draws
+``z ~ q(z | x)`` from the stored posterior every time, as DiT re-encodes every batch)::
+
+    jaxdiff encode --vae sd-vae-ft-ema --image_folder imagenet/train --out latents/imagenet256
+    jaxdiff train --config configs/imagenet256_dit.py --workdir runs/dit_xl2 \
+        --config.data.latents_dir=latents/imagenet256 --config.sample.vae=sd-vae-ft-ema
+
+(``--image_folder`` is the ImageFolder layout DiT reads, labels = sorted synset directories;
+``--tfds imagenet2012`` reads a prepared TFDS copy instead.) Samples are latents; with
+``sample.vae`` set, ``jaxdiff sample`` / ``eval`` decode them to 256x256 images, as DiT does."""
 
 from jaxdiff.config_base import base_config
 
 
 def get_config(variant: str = ""):
     c = base_config()
-    c.data.name = "tfds"
-    c.data.tfds_name = "imagenet256_latents"
-    c.data.image_key = "latent"
+    c.data.name = "latents"
+    c.data.latents_dir = ""  # required: --config.data.latents_dir=<jaxdiff encode --out>
     c.data.image_size, c.data.channels = 32, 4
     c.data.batch_size = 256
     c.model.name = "dit"
@@ -44,7 +50,6 @@ def get_config(variant: str = ""):
     c.sample.nrow = 4
     if variant == "tiny":
         c.data.name = "digits"
-        c.data.image_key = "image"
         c.data.image_size, c.data.channels = 8, 1
         c.data.batch_size = 8
         c.model.variant = "S/2"

@@ -7,13 +7,15 @@
     jaxdiff eval   --workdir runs/digits --num-samples 1000 --features digits
     jaxdiff import --diffusers ddpm-cifar10-32 --workdir runs/ddpm_cifar10 [--config configs/cifar10_ddpm.py]
     jaxdiff import --diffusers DiT-XL-2-256 --workdir runs/dit_xl2   # transformer/ + vae/ + scheduler/
+    jaxdiff encode --vae sd-vae-ft-ema --image_folder imagenet/train --out latents/imagenet256 [--image_size 256]
 
 ``train`` on a workdir that already has a checkpoint resumes it. ``sample`` and ``eval`` rebuild
 the model from the config saved with the latest checkpoint and sample with its EMA parameters,
 on this process's devices (whatever number of devices trained it). ``import`` turns a local copy
 of a diffusers DDPM or DiT pipeline (``UNet2DModel`` or ``DiTTransformer2DModel``, VAE, scheduler
 config) into such a workdir
-(:mod:`jaxdiff.import_diffusers`).
+(:mod:`jaxdiff.import_diffusers`). ``encode`` turns an image dataset (an ImageFolder tree or a
+prepared TFDS dataset) into a latent dataset for ``config.data.name = "latents"`` (:mod:`jaxdiff.encode`).
 """
 
 from __future__ import annotations
@@ -50,13 +52,25 @@ flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (al
 flags.DEFINE_string("ref", None, "eval: reference statistics .npz (mu, sigma[, features]) from `jaxdiff stats` / pytorch-fid / ADM.")
 flags.DEFINE_enum("features", "inception", ["inception", "digits"], "eval/stats: feature network.")
 flags.DEFINE_string("inception_weights", None, "Converted Inception weights .npz (default: $JAXDIFF_INCEPTION_WEIGHTS).")
-flags.DEFINE_string("split", "train", "stats: dataset split of --config's data.")
+flags.DEFINE_string("split", "train", "stats: dataset split of --config's data; encode: the --tfds split read, "
+                    "and the name of the split written under --out.")
 flags.DEFINE_bool("save_features", False, "stats: also store all features (enables KID and precision/recall in eval).")
 flags.DEFINE_string("diffusers", None, "import: a local diffusers pipeline folder (unet/ + scheduler/, the flat "
                     "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json layout, or "
                     "transformer/ + vae/ + scheduler/ of DiT).")
 
-COMMANDS = ("train", "sample", "eval", "stats", "import")
+# encode
+flags.DEFINE_string("vae", None, "encode: a local diffusers AutoencoderKL folder (e.g. a copy of stabilityai/sd-vae-ft-ema).")
+flags.DEFINE_string("image_folder", None, "encode: images in the ImageFolder layout, root/<class>/<image> "
+                    "(labels: sorted class directories, as torchvision).")
+flags.DEFINE_string("tfds", None, "encode: a prepared TFDS image dataset (e.g. imagenet2012); --split picks the split.")
+flags.DEFINE_string("tfds_data_dir", None, "encode: TFDS data_dir of --tfds (default: TFDS's).")
+flags.DEFINE_integer("image_size", 256, "encode: side of ADM's centre crop the VAE encodes.")
+flags.DEFINE_bool("flip", True, "encode: also store each mirror image's latents (DiT trains with random flips).")
+flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "encode: storage dtype of the latents.")
+flags.DEFINE_integer("limit", 0, "encode: only the first N images (0: all).")
+
+COMMANDS = ("train", "sample", "eval", "stats", "import", "encode")
 
 
 def _train() -> None:
@@ -143,6 +157,9 @@ def _stats() -> None:
 
     if FLAGS.config is None or FLAGS.out is None:
         raise app.UsageError("jaxdiff stats needs --config (its data section is the dataset) and --out STATS.npz")
+    if FLAGS.config.data.name == "latents":
+        raise app.UsageError("jaxdiff stats of a latent dataset: reference statistics are of images; pass a config "
+                             "whose data are the images (data.name='tfds'), or use ADM's reference batch")
     try:
         summary = run_stats(make_source(FLAGS.config.data, FLAGS.split), FLAGS.out, features=FLAGS.features,
                             inception_weights=FLAGS.inception_weights, batch_size=FLAGS.batch_size,
@@ -164,6 +181,25 @@ def _import() -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _encode() -> None:
+    from jaxdiff.encode import encode_images, image_reader
+
+    if not FLAGS.vae or not FLAGS.out:
+        raise app.UsageError("jaxdiff encode needs --vae VAE_DIR, --out LATENTS_DIR and one of --image_folder DIR, "
+                             "--tfds NAME")
+    batch = FLAGS.batch_size if FLAGS["batch_size"].present else 32
+    try:
+        images = image_reader(FLAGS.image_folder or "", FLAGS.tfds or "", split=FLAGS.split,
+                              data_dir=FLAGS.tfds_data_dir)
+        summary = encode_images(images, FLAGS.vae, FLAGS.out, split=FLAGS.split, image_size=FLAGS.image_size,
+                                batch_size=batch, flip=FLAGS.flip, dtype=FLAGS.latent_dtype, limit=FLAGS.limit,
+                                progress=FLAGS.progress)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise app.UsageError(str(e)) from None
+    summary["train_with"] = f"--config.data.name=latents --config.data.latents_dir={FLAGS.out}"
+    print(json.dumps(summary, indent=2))
+
+
 flags.DEFINE_bool("multihost", False, "Multi-process run: call jax.distributed.initialize() (auto-detects TPU pods, "
                   "SLURM, Open MPI); implied by --coordinator_address or JAX_COORDINATOR_ADDRESS.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process runs).")
@@ -178,7 +214,8 @@ def _main(argv) -> None:
     from jaxdiff.parallel import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.multihost)
-    {"train": _train, "sample": _sample, "eval": _eval, "stats": _stats, "import": _import}[argv[1]]()
+    {"train": _train, "sample": _sample, "eval": _eval, "stats": _stats, "import": _import,
+     "encode": _encode}[argv[1]]()
 
 
 def _config_spec(argv) -> str | None:

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"          # digits | toy2d | tfds
+    c.data.name = "digits"          # digits | toy2d | tfds | latents
     c.data.batch_size = 128         # global batch, split over processes and devices
     c.data.image_size = 8
     c.data.channels = 1
@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.toy = "gmm8"             # toy2d: which 2-D distribution
     c.data.num_points = 65536       # toy2d: size of the generated data set
     c.data.seed = 0                 # toy2d: seed of the generated points (not config.seed)
+    c.data.latents_dir = ""         # latents: the --out folder of `jaxdiff encode` (splits below it)
+    c.data.latent_posterior = "sample"  # latents: train on posterior draws (DiT) | "mean"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
@@ -154,6 +156,8 @@ def check_config(config) -> None:
     if d.name not in DATA_NAMES:
         raise ValueError(f"unknown dataset config.data.name={d.name!r}; valid names: {', '.join(DATA_NAMES)} "
                          "(for a TFDS dataset set data.name='tfds' and data.tfds_name)")
+    if d.name == "latents":
+        check_latent_data(config)
     sc = config.get("sample")
     if sc is not None and sc.get("sampler") and sc.sampler not in samplers.available():
         raise ValueError(f"unknown sampler config.sample.sampler={sc.sampler!r}; valid names: "
@@ -194,6 +198,24 @@ def check_config(config) -> None:
         patch = m.get("patch_size") or (str(m.variant).rsplit("/", 1)[-1] if m.get("variant") else None)
         if patch and size % int(patch):
             raise ValueError(f"config.data.image_size={size} is not divisible by config.model.patch_size={patch}")
+
+
+def check_latent_data(config) -> None:
+    """``data.name = "latents"``: a ``latents_dir``, a known ``latent_posterior``, and no random
+    flips (a mirrored latent is not the latent of the mirrored image: ``jaxdiff encode`` stores
+    the mirror images' posteriors as examples of their own)."""
+    from jaxdiff.data.latents import POSTERIORS
+
+    d = config.data
+    if not d.get("latents_dir"):
+        raise ValueError("config.data.name='latents' needs config.data.latents_dir: the --out folder of "
+                         "`jaxdiff encode --vae VAE_DIR --image_folder IMAGES --out LATENTS_DIR`")
+    if str(d.get("latent_posterior", "sample")) not in POSTERIORS:
+        raise ValueError(f"unknown config.data.latent_posterior={d.latent_posterior!r}; valid: {', '.join(POSTERIORS)}")
+    if d.get("flip"):
+        raise ValueError("config.data.flip=True flips latents, which is not flipping the images: a latent dataset "
+                         "holds the mirror images' own latents (`jaxdiff encode --flip`, the default); set "
+                         "config.data.flip=False")
 
 
 def check_variance(config) -> None:

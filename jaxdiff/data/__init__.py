@@ -5,7 +5,8 @@ A *source* is any object with ``__len__()`` and batched ``__getitem__(indices) -
 into a resumable, multi-process, prefetched stream of batches.
 
 This package is a leaf: numpy, jax (toy2d), scikit-learn (digits, lazily) and
-tensorflow_datasets (lazily, inside :mod:`jaxdiff.data.tfds_source` functions).
+tensorflow_datasets (lazily, inside :mod:`jaxdiff.data.tfds_source` functions), Pillow (lazily,
+:mod:`jaxdiff.data.images`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxdiff.data.digits import DigitsSource, load_digits
+from jaxdiff.data.latents import LatentSource
 from jaxdiff.data.pipeline import (
     ArraySource,
     BatchIterator,
@@ -36,6 +38,7 @@ __all__ = [
     "DATA_NAMES",
     "DatasetNotFoundError",
     "DigitsSource",
+    "LatentSource",
     "Source",
     "TOY2D_NAMES",
     "TfdsSource",
@@ -51,7 +54,7 @@ __all__ = [
     "sample_toy2d_labeled",
 ]
 
-DATA_NAMES = ("digits", "toy2d", "tfds")
+DATA_NAMES = ("digits", "toy2d", "tfds", "latents")
 
 _MISSING = object()
 
@@ -80,6 +83,8 @@ def make_source(data_cfg: Any, split: str = "train"):
       ``seed`` = 0); ``split`` in {"train", "test"}.
     * ``"tfds"``: :class:`TfdsSource` (reads ``tfds_name`` (required), ``data_dir`` = None,
       ``image_key`` = "image", ``label_key`` = "label"); ``split`` is any TFDS split string.
+    * ``"latents"``: :class:`LatentSource` over ``<latents_dir>/<split>`` made by ``jaxdiff encode``
+      (reads ``latents_dir`` (required), ``latent_posterior`` = "sample").
     """
     name = _get(data_cfg, "name")
     if name == "digits":
@@ -103,4 +108,9 @@ def make_source(data_cfg: Any, split: str = "train"):
             image_key=str(_get(data_cfg, "image_key", "image")),
             label_key=_get(data_cfg, "label_key", "label"),
         )
+    if name == "latents":
+        root = str(_get(data_cfg, "latents_dir", ""))
+        if not root:
+            raise ValueError("data.name='latents' needs data.latents_dir: the --out folder of `jaxdiff encode`")
+        return LatentSource(root, split=split, posterior=str(_get(data_cfg, "latent_posterior", "sample")))
     raise ValueError(f"unknown data source name {name!r}; valid names: {', '.join(DATA_NAMES)}")

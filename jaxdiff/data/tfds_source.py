@@ -94,7 +94,7 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
     [-1, 1]; float features to float32 *as stored*.
 
     A float feature is taken to be data already in the model's coordinates -- e.g. SD-VAE
-    latents scaled by 0.18215 (``configs/imagenet256_dit.py``), roughly zero-mean, unit-std --
+    latents scaled by 0.18215 in a TFDS dataset of one's own, roughly zero-mean, unit-std --
     and is not rescaled: there is no range to infer from a float dtype, and the sampler has no
     inverse to undo a guessed one. Float images in [0, 1] must be mapped to [-1, 1] when the
     dataset is prepared."""

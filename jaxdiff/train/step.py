@@ -28,7 +28,8 @@ from jaxdiff.losses import diffusion_loss
 from jaxdiff.modeling import build_process, data_shape, net_fn, num_classes
 from jaxdiff.train.state import TrainState, ema_decay
 
-__all__ = ["ema_specs", "make_train_step", "label_dropout", "apply_if_ok", "NONFINITE_MODES", "nonfinite_mode"]
+__all__ = ["ema_specs", "make_train_step", "label_dropout", "apply_if_ok", "latent_draw", "NONFINITE_MODES",
+           "nonfinite_mode"]
 
 NONFINITE_MODES = ("skip", "error")
 
@@ -57,6 +58,21 @@ def label_dropout(key, y, num_classes: int, p: float):
         return y
     drop = jax.random.uniform(key, y.shape) < p
     return jnp.where(drop, num_classes, y)
+
+
+_LATENT_STREAM = 0x6C61  # fold_in constant of the posterior-draw key ("la"): the other keys stay as they were
+
+
+def latent_draw(key, batch):
+    """The training example of a batch: ``batch["image"]``, or, when the batch carries the
+    encoder posterior's ``"image_std"`` (a latent dataset, :class:`jaxdiff.data.LatentSource`),
+    a draw ``image + image_std * noise`` from that diagonal Gaussian -- DiT's
+    ``vae.encode(x).latent_dist.sample() * 0.18215`` with mean and std stored pre-scaled."""
+    x0 = batch["image"]
+    std = batch.get("image_std") if hasattr(batch, "get") else None
+    if std is None:
+        return x0
+    return x0 + std * jax.random.normal(jax.random.fold_in(key, _LATENT_STREAM), x0.shape, x0.dtype)
 
 
 def apply_if_ok(ok, update, old, *, use_cond: bool | None = None):
@@ -111,7 +127,7 @@ def make_train_step(config, model, tx):
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         k_drop, k_loss, k_label = jax.random.split(key, 3)
-        x0 = batch["image"]
+        x0 = latent_draw(key, batch)
         y = label_dropout(k_label, batch["label"], n_cls, p_drop) if n_cls else None
 
         def loss_fn(params):

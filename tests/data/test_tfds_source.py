@@ -230,8 +230,8 @@ def test_import_is_lazy():
 
 
 def test_float_features_are_read_as_stored(monkeypatch):
-    """A float feature (e.g. SD-VAE latents scaled by 0.18215, as configs/imagenet256_dit.py
-    reads) reaches the model unchanged; integer images are mapped to [-1, 1]."""
+    """A float feature (e.g. SD-VAE latents scaled by 0.18215, in a TFDS dataset one prepared)
+    reaches the model unchanged; integer images are mapped to [-1, 1]."""
     from jaxdiff.data import tfds_source
 
     rng = np.random.default_rng(0)
@@ -246,3 +246,24 @@ def test_float_features_are_read_as_stored(monkeypatch):
     ints = np.array([[0, 255]], np.uint8)
     np.testing.assert_array_equal(tfds_source.to_unit_range(ints), [[-1.0, 1.0]])
     np.testing.assert_array_equal(tfds_source.to_unit_range(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
+
+
+def test_tfds_images_for_encoding(tiny_dir):
+    """``jaxdiff encode --tfds``: the reader returns the stored uint8 pixels (gray as RGB) and labels."""
+    from jaxdiff.data.images import TfdsImages, center_crop_arr
+
+    imgs = TfdsImages(TINY, split="train", data_dir=tiny_dir)
+    want, labels = _tiny_examples(12, (4, 4, 3), 0)
+    assert len(imgs) == 12 and imgs.describe()["num_classes"] == 3
+    for i in (0, 1, 7):
+        image, label = imgs.read(i)
+        np.testing.assert_array_equal(image, want[i])
+        assert label == labels[i]
+        np.testing.assert_array_equal(center_crop_arr(image, 4), want[i])  # already the crop's size
+    gray = TfdsImages(TINY_UNLABELED, split="train", data_dir=tiny_dir)
+    image, label = gray.read(3)
+    g, _ = _tiny_examples(7, (5, 6, 1), 2)
+    assert label == 0 and gray.describe()["label_key"] is None
+    np.testing.assert_array_equal(image, np.repeat(g[3], 3, axis=-1))
+    with pytest.raises(KeyError, match="no feature 'latent'"):
+        TfdsImages(TINY, data_dir=tiny_dir, image_key="latent")

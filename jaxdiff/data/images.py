@@ -1,0 +1,153 @@
+"""Reading full-size images for encoding into latents: an ImageFolder tree or a TFDS image
+dataset, each image cropped square as ADM / DiT crop ImageNet.
+
+* :func:`center_crop_arr` -- the preprocessing of ADM (Dhariwal & Nichol 2021,
+  ``guided_diffusion/image_datasets.py``), which DiT's ``train.py`` (Peebles & Xie 2023) reuses:
+  halve the image with a box filter while its short side is at least twice the target, resize
+  bicubically so the short side equals the target, then crop the centre square.
+* :class:`ImageFolderImages` -- ``root/<class>/**/<image>`` with torchvision ``ImageFolder``'s
+  conventions (classes are the sorted sub-directory names, label = position in that list; files
+  sorted, recursively, by the same extension list). DiT trains on ImageNet through
+  ``ImageFolder``, so the labels match DiT's class indices.
+* :class:`TfdsImages` -- a prepared TFDS dataset (``tfds.data_source``, e.g. ``imagenet2012``).
+
+Each has ``len()``, ``read(i) -> (uint8 (H, W, 3), label)`` and ``describe() -> dict`` (what
+the latent dataset's metadata records about its origin). Pillow does the decoding and resizing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["IMG_EXTENSIONS", "ImageFolderImages", "TfdsImages", "center_crop_arr", "to_rgb_uint8"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""File extensions read by :class:`ImageFolderImages` (torchvision's list; compared lower-cased)."""
+
+
+def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
+    """ADM's centre crop of a PIL image (or an array) to ``(image_size, image_size, 3)`` uint8.
+
+    1. While ``min(width, height) >= 2 * image_size``: resize to ``(width // 2, height // 2)`` with
+       ``Image.BOX`` (an area average; cheap anti-aliasing before the bicubic step).
+    2. Resize with ``Image.BICUBIC`` by ``image_size / min(width, height)``, each side rounded.
+    3. Take the centre ``image_size`` square, offsets ``(side - image_size) // 2``.
+
+    Images with another mode than RGB (grayscale, RGBA, palette) are converted first, as
+    ``ImageFolder``'s loader does (``convert("RGB")``).
+    """
+    from PIL import Image
+
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(to_rgb_uint8(image))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
+
+
+def to_rgb_uint8(image: Any) -> np.ndarray:
+    """An image array ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (uint8, or bool) as
+    uint8 RGB; alpha is dropped, gray is repeated."""
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 image data, got {arr.dtype} (float images have no unambiguous range)")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an (H, W[, 1|3|4]) image, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+class ImageFolderImages:
+    """Images under ``root/<class>/...`` in torchvision ``ImageFolder``'s order and labels.
+
+    ``classes`` are the sorted names of ``root``'s sub-directories; the examples are, class by
+    class, the files below each class directory (recursively, following links, directories and
+    file names sorted) whose lower-cased name ends with one of :data:`IMG_EXTENSIONS`.
+    """
+
+    def __init__(self, root: str):
+        root = os.path.expanduser(os.fspath(root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"image folder {root!r} has no class sub-directories (expected root/<class>/<image>)")
+        self.paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                for fname in sorted(fnames):
+                    if fname.lower().endswith(IMG_EXTENSIONS):
+                        self.paths.append(os.path.join(dirpath, fname))
+                        labels.append(label)
+        if not self.paths:
+            raise FileNotFoundError(f"image folder {root!r} has no images with extensions {IMG_EXTENSIONS}")
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int):
+        """``(PIL image, label)`` of example ``i`` (decoded lazily by the caller's crop)."""
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB"), int(self.labels[i])
+
+    def describe(self) -> dict:
+        return {"kind": "image_folder", "root": os.path.abspath(self.root), "num_classes": len(self.classes),
+                "classes": self.classes}
+
+
+class TfdsImages:
+    """Images of a prepared TFDS dataset split (``tfds.data_source``, no TensorFlow needed).
+
+    ``image_key`` names a uint8 image feature; ``label_key`` an integer one (labels are 0 when
+    the dataset has no such feature)."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 image_key: str = "image", label_key: str | None = "label"):
+        from jaxdiff.data.tfds_source import open_data_source
+
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.label_key = image_key, label_key
+        self._source = open_data_source(name, split=split, data_dir=data_dir)
+        features = getattr(getattr(self._source, "dataset_info", None), "features", None)
+        keys = list(features.keys()) if features is not None else None
+        if keys is not None and image_key not in keys:
+            raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}")
+        self._has_label = label_key is not None and (keys is None or label_key in keys)
+        self.num_classes = None
+        if self._has_label and features is not None:
+            self.num_classes = getattr(features[label_key], "num_classes", None)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def read(self, i: int):
+        record = self._source[int(i)]
+        label = int(np.asarray(record[self.label_key])) if self._has_label else 0
+        return to_rgb_uint8(record[self.image_key]), label
+
+    def describe(self) -> dict:
+        return {"kind": "tfds", "name": self.name, "split": self.split, "data_dir": self.data_dir,
+                "image_key": self.image_key, "label_key": self.label_key if self._has_label else None,
+                "num_classes": self.num_classes}
