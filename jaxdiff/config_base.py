@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"          # digits | toy2d | tfds | latents
+    c.data.name = "digits"          # digits | toy2d | tfds | image_folder | latents
     c.data.batch_size = 128         # global batch, split over processes and devices
     c.data.image_size = 8
     c.data.channels = 1
@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.toy = "gmm8"             # toy2d: which 2-D distribution
     c.data.num_points = 65536       # toy2d: size of the generated data set
     c.data.seed = 0                 # toy2d: seed of the generated points (not config.seed)
+    c.data.image_folder = ""        # image_folder: root/<class>/<image> (or root/<split>/<class>/<image>)
     c.data.latents_dir = ""         # latents: the --out folder of `jaxdiff encode` (splits below it)
     c.data.latent_posterior = "sample"  # latents: train on posterior draws (DiT) | "mean"
 
@@ -158,6 +159,9 @@ def check_config(config) -> None:
                          "(for a TFDS dataset set data.name='tfds' and data.tfds_name)")
     if d.name == "latents":
         check_latent_data(config)
+    if d.name == "image_folder" and not d.get("image_folder"):
+        raise ValueError("config.data.name='image_folder' needs config.data.image_folder: a folder of "
+                         "<class>/<image> files (or of <split>/<class>/<image>)")
     sc = config.get("sample")
     if sc is not None and sc.get("sampler") and sc.sampler not in samplers.available():
         raise ValueError(f"unknown sampler config.sample.sampler={sc.sampler!r}; valid names: "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxdiff.data.digits import DigitsSource, load_digits
+from jaxdiff.data.images import ImageFolderSource
 from jaxdiff.data.latents import LatentSource
 from jaxdiff.data.pipeline import (
     ArraySource,
@@ -38,6 +39,7 @@ __all__ = [
     "DATA_NAMES",
     "DatasetNotFoundError",
     "DigitsSource",
+    "ImageFolderSource",
     "LatentSource",
     "Source",
     "TOY2D_NAMES",
@@ -54,7 +56,7 @@ __all__ = [
     "sample_toy2d_labeled",
 ]
 
-DATA_NAMES = ("digits", "toy2d", "tfds", "latents")
+DATA_NAMES = ("digits", "toy2d", "tfds", "image_folder", "latents")
 
 _MISSING = object()
 
@@ -83,6 +85,9 @@ def make_source(data_cfg: Any, split: str = "train"):
       ``seed`` = 0); ``split`` in {"train", "test"}.
     * ``"tfds"``: :class:`TfdsSource` (reads ``tfds_name`` (required), ``data_dir`` = None,
       ``image_key`` = "image", ``label_key`` = "label"); ``split`` is any TFDS split string.
+    * ``"image_folder"``: :class:`ImageFolderSource` over ``<image_folder>/<split>`` (or
+      ``image_folder`` itself for "train"; reads ``image_folder`` (required), ``image_size``,
+      ``channels`` = 3): images cropped as ADM / DiT crop ImageNet, labels from the class folders.
     * ``"latents"``: :class:`LatentSource` over ``<latents_dir>/<split>`` made by ``jaxdiff encode``
       (reads ``latents_dir`` (required), ``latent_posterior`` = "sample").
     """
@@ -108,6 +113,14 @@ def make_source(data_cfg: Any, split: str = "train"):
             image_key=str(_get(data_cfg, "image_key", "image")),
             label_key=_get(data_cfg, "label_key", "label"),
         )
+    if name == "image_folder":
+        from jaxdiff.data.images import image_folder_split
+
+        root = str(_get(data_cfg, "image_folder", ""))
+        if not root:
+            raise ValueError("data.name='image_folder' needs data.image_folder: a root/<class>/<image> tree")
+        return ImageFolderSource(image_folder_split(root, split), image_size=int(_get(data_cfg, "image_size")),
+                                 channels=int(_get(data_cfg, "channels", 3)))
     if name == "latents":
         root = str(_get(data_cfg, "latents_dir", ""))
         if not root:

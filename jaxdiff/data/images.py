@@ -13,6 +13,9 @@ dataset, each image cropped square as ADM / DiT crop ImageNet.
 
 Each has ``len()``, ``read(i) -> (uint8 (H, W, 3), label)`` and ``describe() -> dict`` (what
 the latent dataset's metadata records about its origin). Pillow does the decoding and resizing.
+
+:class:`ImageFolderSource` is the training source over an ImageFolder tree in pixel space
+(``config.data.name = "image_folder"``): each batch decoded and cropped on the fly.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IMG_EXTENSIONS", "ImageFolderImages", "TfdsImages", "center_crop_arr", "to_rgb_uint8"]
+__all__ = ["IMG_EXTENSIONS", "ImageFolderImages", "ImageFolderSource", "TfdsImages", "center_crop_arr",
+           "image_folder_split", "to_rgb_uint8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """File extensions read by :class:`ImageFolderImages` (torchvision's list; compared lower-cased)."""
@@ -151,3 +155,62 @@ class TfdsImages:
         return {"kind": "tfds", "name": self.name, "split": self.split, "data_dir": self.data_dir,
                 "image_key": self.image_key, "label_key": self.label_key if self._has_label else None,
                 "num_classes": self.num_classes}
+
+
+def image_folder_split(root: str, split: str = "train") -> str:
+    """The folder of ``split``: ``<root>/<split>`` if it is a directory (ImageNet's ``train/`` and
+    ``val/`` beside each other), else ``root`` itself for ``"train"``."""
+    root = os.path.expanduser(os.fspath(root))
+    sub = os.path.join(root, split)
+    if os.path.isdir(sub):
+        return sub
+    if split == "train":
+        return root
+    raise FileNotFoundError(f"image folder {root!r} has no {split!r} sub-directory (expected {sub}/<class>/<image>)")
+
+
+class ImageFolderSource:
+    """Training source over an ImageFolder tree: ``source[indices]`` decodes the files, crops them
+    with :func:`center_crop_arr` to ``image_size`` and returns ``{"image": float32 (n, S, S, C) in
+    [-1, 1], "label": int32 (n,)}`` (``channels`` 3: RGB, 1: converted to luminance). A thread
+    pool decodes a batch's files in parallel; random flips are the batch pipeline's
+    (``config.data.flip``)."""
+
+    def __init__(self, root: str, image_size: int, channels: int = 3, workers: int | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"an image folder gives 1 (gray) or 3 (RGB) channels, not {channels}")
+        self.images = ImageFolderImages(root)
+        self.image_size, self.channels = int(image_size), int(channels)
+        self.workers = workers or min(16, os.cpu_count() or 1)
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.images.paths[i]) as im:
+            arr = center_crop_arr(im.convert("RGB"), self.image_size)
+        if self.channels == 1:
+            arr = np.asarray(Image.fromarray(arr).convert("L"))[..., None]
+        return arr
+
+    def __getitem__(self, indices: Any) -> dict[str, np.ndarray]:
+        import concurrent.futures
+
+        idx = np.asarray(indices, dtype=np.int64)
+        flat = idx.reshape(-1)
+        n = len(self)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"index out of range for {n} examples")
+        flat = np.where(flat < 0, flat + n, flat)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers)
+        arrs = list(self._pool.map(self._load, [int(i) for i in flat]))
+        shape = idx.shape + (self.image_size, self.image_size, self.channels)
+        images = (np.stack(arrs).astype(np.float32) / np.float32(127.5) - np.float32(1.0)).reshape(shape)
+        return {"image": images, "label": self.images.labels[flat].reshape(idx.shape)}
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource(root={self.images.root!r}, n={len(self)}, image_size={self.image_size})"

@@ -81,3 +81,59 @@ def test_image_folder_errors_say_what_is_expected(tmp_path):
     (tmp_path / "cls").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderImages(str(tmp_path))
+
+
+def _folder(root, shapes, classes=2):
+    rng = np.random.default_rng(5)
+    for i, (h, w) in enumerate(shapes):
+        d = root / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+    return root
+
+
+def test_image_folder_source_crops_scales_and_labels(tmp_path):
+    from jaxdiff.data import ImageFolderSource, make_source
+
+    root = _folder(tmp_path / "imgs" / "train", [(12, 20), (8, 8), (30, 17), (16, 16), (9, 11)])
+    src = make_source({"name": "image_folder", "image_folder": str(tmp_path / "imgs"), "image_size": 8}, "train")
+    assert isinstance(src, ImageFolderSource) and len(src) == 5
+    files = ImageFolderImages(str(root))
+    b = src[np.array([[4, 0], [-1, 2]])]
+    assert b["image"].shape == (2, 2, 8, 8, 3) and b["image"].dtype == np.float32
+    for (r, c), i in np.ndenumerate(np.array([[4, 0], [4, 2]])):
+        want = center_crop_arr(Image.open(files.paths[i]), 8).astype(np.float32) / 127.5 - 1.0
+        np.testing.assert_allclose(b["image"][r, c], want, atol=1e-6)
+        assert b["label"][r, c] == files.labels[i]
+    gray = ImageFolderSource(str(root), image_size=8, channels=1)[np.array([1])]["image"][0]
+    want = np.asarray(Image.fromarray(center_crop_arr(Image.open(files.paths[1]), 8)).convert("L"))
+    np.testing.assert_allclose(gray[..., 0], want.astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+    with pytest.raises(IndexError):
+        src[np.array([5])]
+    with pytest.raises(FileNotFoundError, match="no 'test' sub-directory"):
+        make_source({"name": "image_folder", "image_folder": str(tmp_path / "imgs"), "image_size": 8}, "test")
+    with pytest.raises(ValueError, match="1 \\(gray\\) or 3 \\(RGB\\)"):
+        ImageFolderSource(str(root), image_size=8, channels=4)
+
+
+def test_a_unet_trains_on_an_image_folder(tmp_path):
+    from jaxdiff.config_base import check_config
+    from jaxdiff.train import train
+    from tests.helpers import load_config
+
+    root = _folder(tmp_path / "imgs", [(10 + i, 12 + 2 * i) for i in range(6)], classes=3)
+    c = load_config("digits", "tiny")
+    with c.unlocked():
+        c.data.name, c.data.image_folder, c.data.flip = "image_folder", str(root), True
+        c.data.channels = 3
+        c.model.num_classes = 3
+        c.data.batch_size = 4
+        c.sample.num, c.sample.steps = 2, 2
+        c.train.num_steps, c.train.log_every, c.train.ckpt_every = 2, 1, 2
+    check_config(c)
+    summary = train(c, str(tmp_path / "run"), progress=False)
+    assert summary["steps"] == int(c.train.num_steps) and np.isfinite(summary["final_loss"])
+    with c.unlocked():
+        c.data.image_folder = ""
+    with pytest.raises(ValueError, match="needs config.data.image_folder"):
+        check_config(c)
