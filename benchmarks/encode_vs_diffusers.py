@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
@@ -101,6 +102,7 @@ def main(argv=None):
                    f"{summary['images_per_s']:.2f} images/s over {args.pipeline} images ({summary['seconds']:.1f} s)")
         result["pipeline"] = {k: summary[k] for k in ("num_images", "seconds", "images_per_s")}
     result["load_avg_end"] = common.load_average()
+    shutil.rmtree(tmp, ignore_errors=True)
     common.emit(result, args.json)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -69,6 +70,9 @@ flags.DEFINE_integer("image_size", 256, "encode: side of ADM's centre crop the V
 flags.DEFINE_bool("flip", True, "encode: also store each mirror image's latents (DiT trains with random flips).")
 flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "encode: storage dtype of the latents.")
 flags.DEFINE_integer("limit", 0, "encode: only the first N images (0: all).")
+flags.DEFINE_string("out_split", "", "encode: name of the split written under --out (default: --split, which must "
+                    "then be a plain name, not a TFDS slice such as 'train[:10%]').")
+flags.DEFINE_integer("workers", 0, "encode: image decoding threads (0: min(16, CPU count)).")
 
 COMMANDS = ("train", "sample", "eval", "stats", "import", "encode")
 
@@ -188,15 +192,20 @@ def _encode() -> None:
         raise app.UsageError("jaxdiff encode needs --vae VAE_DIR, --out LATENTS_DIR and one of --image_folder DIR, "
                              "--tfds NAME")
     batch = FLAGS.batch_size if FLAGS["batch_size"].present else 32
+    out_split = FLAGS.out_split or FLAGS.split
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", out_split) or out_split in (".", ".."):
+        raise app.UsageError(f"the latent split is named after --split={out_split!r}, which is not a plain name: pass "
+                             "--out_split NAME (e.g. train)")
     try:
         images = image_reader(FLAGS.image_folder or "", FLAGS.tfds or "", split=FLAGS.split,
                               data_dir=FLAGS.tfds_data_dir)
-        summary = encode_images(images, FLAGS.vae, FLAGS.out, split=FLAGS.split, image_size=FLAGS.image_size,
+        summary = encode_images(images, FLAGS.vae, FLAGS.out, split=out_split, image_size=FLAGS.image_size,
                                 batch_size=batch, flip=FLAGS.flip, dtype=FLAGS.latent_dtype, limit=FLAGS.limit,
-                                progress=FLAGS.progress)
+                                progress=FLAGS.progress, workers=FLAGS.workers or None)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise app.UsageError(str(e)) from None
-    summary["train_with"] = f"--config.data.name=latents --config.data.latents_dir={FLAGS.out}"
+    summary["train_with"] = f"--config.data.name=latents --config.data.latents_dir={FLAGS.out}" + (
+        "" if out_split == "train" else f" (split {out_split!r})")
     print(json.dumps(summary, indent=2))
 
 

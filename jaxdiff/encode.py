@@ -34,9 +34,11 @@ from jaxdiff.data.latents import LatentWriter
 __all__ = ["DTYPES", "encode_images", "make_encode_fn"]
 
 DTYPES = ("float32", "float16")
-"""Storage dtypes of the latent dataset. float16 halves the files (ImageNet's 1.28M images with
-flips at 32x32x4: 84 GB of mean + std in float32, 42 GB in float16); its rounding, ~5e-4
-relative, is below the posterior's own noise for the SD VAE only where std is that large."""
+"""Storage dtypes of the posterior means (the stds are always float32). ImageNet's 1.28M images
+with flips at 32x32x4 take 84 GB (means and stds in float32) or 63 GB (float16 means). float16
+rounds each mean by up to ~5e-4 of its magnitude, which for a near-deterministic encoder such as
+the SD VAE (small posterior stds) can exceed the posterior's own spread: with float16 the model
+trains on rounded means."""
 
 
 def make_encode_fn(model, scaling_factor: float, flip: bool, mesh=None):
@@ -47,15 +49,15 @@ def make_encode_fn(model, scaling_factor: float, flip: bool, mesh=None):
 
     def encode(params, images):
         x = images.astype(jnp.float32) / 127.5 - 1.0
-        if flip:
-            x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-        mean, logvar = model.apply({"params": params}, x, method=model.encode)
-        std = jnp.exp(0.5 * logvar)
         b = images.shape[0]
         views = 2 if flip else 1
+        if flip:  # image i and its mirror next to each other: rows stay on the device that holds image i
+            x = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape(views * b, *x.shape[1:])
+        mean, logvar = model.apply({"params": params}, x, method=model.encode)
+        std = jnp.exp(0.5 * logvar)
 
         def per_view(a):
-            return jnp.moveaxis(a.reshape(views, b, *a.shape[1:]), 0, 1) * scaling_factor
+            return a.reshape(b, views, *a.shape[1:]) * scaling_factor
 
         return per_view(mean), per_view(std)
 
@@ -83,7 +85,7 @@ def encode_images(images: Any, vae_dir: str, out: str, *, split: str = "train", 
       image_size: side of the centre crop the encoder sees (256 for DiT's 32x32x4 latents).
       batch_size: images per encoder call (padded at the end; must divide by the local devices).
       flip: also store the mirrored image's posterior (the dataset then has ``2 N`` examples).
-      dtype: ``"float32"`` or ``"float16"`` storage.
+      dtype: ``"float32"`` or ``"float16"`` storage of the means (:data:`DTYPES`).
       limit: encode only the first ``limit`` images (0: all).
       workers: decoding threads (default: ``min(16, cpu_count)``).
       commit_every: batches between commits of the written count (what a restart resumes from).
@@ -120,12 +122,18 @@ def encode_images(images: Any, vae_dir: str, out: str, *, split: str = "train", 
     latent_shape = (image_size // factor, image_size // factor, int(fields["latent_channels"]))
     settings = {"vae": _vae_settings(vae_dir, fields, scaling), "source": images.describe(),
                 "image_size": int(image_size), "crop": "adm_center_crop", "limit": int(limit)}
+    classes = getattr(images, "classes", None)
+    if classes and set(classes) & {"train", "val", "validation", "test"}:
+        raise ValueError(f"the image folder's classes are {classes[:5]}{'...' if len(classes) > 5 else ''}: "
+                         "that looks like a dataset root with split folders; pass the split's folder "
+                         "(e.g. --image_folder imagenet/train)")
     writer = LatentWriter(out, split, settings, n, views, latent_shape, dtype, scaling)
     start = writer.num_done
     summary = {"dir": writer.dir, "num_images": n, "views": views, "num_examples": n * len(views),
                "latent_shape": list(latent_shape), "dtype": dtype, "scaling_factor": scaling,
                "resumed_from": start, "encoded_now": n - start}
     if start >= n:
+        writer.close()
         return summary
 
     mesh = parallel.make_mesh(devices=devices)
@@ -133,8 +141,12 @@ def encode_images(images: Any, vae_dir: str, out: str, *, split: str = "train", 
     params = jax.device_put(params, parallel.replicated(mesh))
 
     def load(i):
-        image, label = images.read(i)
-        return center_crop_arr(image, image_size), label
+        try:
+            image, label = images.read(i)
+            return center_crop_arr(image, image_size), label
+        except Exception as e:  # noqa: BLE001 -- a corrupt or unreadable file: say which
+            where = images.paths[i] if hasattr(images, "paths") else f"example {i} of {images.describe()}"
+            raise ValueError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1))
 
@@ -157,7 +169,7 @@ def encode_images(images: Any, vae_dir: str, out: str, *, split: str = "train", 
                 x = np.concatenate([x, np.zeros((batch_size - len(x),) + x.shape[1:], x.dtype)])
             mean, std = jax.device_get(fn(params, x))
             mean, std = mean[:len(labels)], std[:len(labels)]
-            writer.write(start, mean.astype(dtype), std.astype(dtype), labels)
+            writer.write(start, mean.astype(dtype), std, labels)
             batches += 1
             total += float(np.sum(mean[:, 0], dtype=np.float64))
             total_sq += float(np.sum(np.square(mean[:, 0], dtype=np.float64)))
@@ -169,6 +181,9 @@ def encode_images(images: Any, vae_dir: str, out: str, *, split: str = "train", 
     finally:
         pbar.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        if start > writer.num_done:  # stopped by an error or a kill: keep what is on disk (rows < start)
+            writer.commit(start)
+        writer.close()
     seconds = time.perf_counter() - t0
     mu = total / count
     summary.update(seconds=round(seconds, 3), images_per_s=round((n - summary["resumed_from"]) / seconds, 2),

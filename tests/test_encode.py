@@ -83,7 +83,8 @@ def test_stored_posteriors_equal_diffusers_encoder(encoded):
     want_mean, want_std = _diffusers_posteriors(ref, images, SMALL["scaling_factor"])
     assert mean.shape == (n, 2, 4, 4, 4) and mean.dtype == np.float32
     assert rel(mean, want_mean) < 1e-5 and rel(std, want_std) < 1e-5
-    assert rel(mean[:, 1], mean[:, 0]) > 0.05  # the mirror image's latents are its own, not a copy
+    # the mirror image's latents are its own: not a copy, and not the mirrored latents either
+    assert rel(mean[:, 1], mean[:, 0]) > 0.05 and rel(mean[:, 1], mean[:, 0, :, ::-1]) > 0.05
     np.testing.assert_array_equal(label, images.labels)
     meta = json.loads((d / "meta.json").read_text())
     assert meta["num_done"] == n and meta["scaling_factor"] == SMALL["scaling_factor"]
@@ -146,6 +147,15 @@ def test_interrupted_encode_resumes_to_the_same_files(encoded, monkeypatch):
         encode_images(images, str(root / "vae"), out, image_size=SIZE, flip=False, progress=False)
     with pytest.raises(ValueError, match=r"other settings \(.*image_size"):
         encode_images(images, str(root / "vae"), out, image_size=2 * SIZE, progress=False)
+    # one writer per split at a time
+    from jaxdiff.data.latents import LatentWriter, read_meta
+
+    meta = read_meta(out)
+    first = LatentWriter(out, "train", meta["settings"], meta["num_images"], meta["views"], meta["latent_shape"],
+                         meta["dtype"], meta["scaling_factor"])
+    with pytest.raises(ValueError, match="another process is writing"):
+        encode_images(images, str(root / "vae"), out, image_size=SIZE, batch_size=2, progress=False)
+    first.close()
 
 
 def test_float16_storage_limit_and_no_flip(encoded):
@@ -157,13 +167,32 @@ def test_float16_storage_limit_and_no_flip(encoded):
     mean = np.load(os.path.join(out, "train", "mean.npy"))
     full = np.load(root / "latents" / "train" / "mean.npy")
     assert mean.dtype == np.float16 and mean.shape == (5, 1, 4, 4, 4)
+    assert np.load(os.path.join(out, "train", "std.npy")).dtype == np.float32  # stds stay float32
     assert np.abs(mean.astype(np.float32) - full[:5, :1]).max() <= 1e-3 * np.abs(full).max()
     assert len(LatentSource(out)) == 5
 
 
-def test_encode_argument_errors(assets):
+def test_encode_argument_errors(assets, tmp_path):
     root, _ = assets
     images = ImageFolderImages(str(root / "images"))
+    # a dataset root with split folders is not a class tree
+    (tmp_path / "imnet" / "train" / "n01").mkdir(parents=True)
+    (tmp_path / "imnet" / "val" / "n01").mkdir(parents=True)
+    for split in ("train", "val"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "imnet" / split / "n01" / "a.png")
+    with pytest.raises(ValueError, match="looks like a dataset root with split folders"):
+        encode_images(ImageFolderImages(str(tmp_path / "imnet")), str(root / "vae"), str(tmp_path / "x"),
+                      image_size=SIZE, progress=False)
+    # a corrupt file is named, and the batches before it stay committed
+    bad = tmp_path / "bad"
+    for i in range(5):
+        (bad / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(bad / "c" / f"{i}.png")
+    (bad / "c" / "3.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError, match=r"cannot read image .*3\.png"):
+        encode_images(ImageFolderImages(str(bad)), str(root / "vae"), str(tmp_path / "y"), image_size=SIZE,
+                      batch_size=1, commit_every=100, progress=False)
+    assert json.loads((tmp_path / "y" / "train" / "meta.json").read_text())["num_done"] == 3
     with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 4"):
         encode_images(images, str(root / "vae"), str(root / "x"), image_size=18, progress=False)
     with pytest.raises(ValueError, match="dtype"):
@@ -208,6 +237,11 @@ def test_dit_trains_on_the_latents_and_samples_images(encoded, tmp_path):
     grid = np.asarray(Image.open(summary["samples"]))
     assert grid.shape[2] == 3 and min(grid.shape[:2]) >= SIZE  # decoded 16x16 RGB images, not 4x4 latents
     with c.unlocked():
+        c.model.num_classes = 2  # the folder has 3 classes: label 2 would be the null class
+    with pytest.raises(ValueError, match="the dataset has 3 classes but config.model.num_classes=2"):
+        train(c, str(tmp_path / "run2"), progress=False)
+    with c.unlocked():
+        c.model.num_classes = 3
         c.data.flip = True
     with pytest.raises(ValueError, match="flips latents"):
         check_config(c)
@@ -257,6 +291,24 @@ def test_encode_command(assets, tmp_path):
         run_python(["-m", "jaxdiff.cli", "encode", f"--out={out}"])
     with pytest.raises(AssertionError, match="exactly one of --image_folder"):
         run_python(["-m", "jaxdiff.cli", "encode", f"--vae={root / 'vae'}", f"--out={out}"])
+    with pytest.raises(AssertionError, match="not a plain name: pass --out_split"):
+        run_python(["-m", "jaxdiff.cli", "encode", f"--vae={root / 'vae'}", f"--image_folder={root / 'images'}",
+                    f"--out={out}", "--split=train[:50%]"])
     with pytest.raises(AssertionError, match="reference statistics are of images"):
         run_python(["-m", "jaxdiff.cli", "stats", "--config=configs/imagenet256_dit.py",
                     f"--config.data.latents_dir={out}", f"--out={tmp_path / 'stats.npz'}"])
+
+
+def test_encoding_on_four_devices_equals_one(encoded, tmp_path):
+    """The batch split over 4 XLA host devices (the last batch padded) writes what one device writes."""
+    from tests.helpers import run_python
+
+    root, _, _, _ = encoded
+    out = tmp_path / "four"
+    run_python(["-m", "jaxdiff.cli", "encode", f"--vae={root / 'vae'}", f"--image_folder={root / 'images'}",
+                f"--out={out}", f"--image_size={SIZE}", "--batch_size=4", "--noprogress"],
+               env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    for k in ("mean", "std"):
+        got, want = np.load(out / "train" / f"{k}.npy"), np.load(root / "latents" / "train" / f"{k}.npy")
+        assert rel(got, want) < 1e-5
+    np.testing.assert_array_equal(np.load(out / "train" / "label.npy"), np.load(root / "latents" / "train" / "label.npy"))

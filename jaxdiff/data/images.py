@@ -83,7 +83,8 @@ class ImageFolderImages:
 
     ``classes`` are the sorted names of ``root``'s sub-directories; the examples are, class by
     class, the files below each class directory (recursively, following links, directories and
-    file names sorted) whose lower-cased name ends with one of :data:`IMG_EXTENSIONS`.
+    file names sorted) whose lower-cased name ends with one of :data:`IMG_EXTENSIONS`. (A class
+    directory without images keeps its label; torchvision raises there instead.)
     """
 
     def __init__(self, root: str):
@@ -117,8 +118,11 @@ class ImageFolderImages:
             return im.convert("RGB"), int(self.labels[i])
 
     def describe(self) -> dict:
+        import hashlib
+
+        files = hashlib.sha256("\n".join(os.path.relpath(p, self.root) for p in self.paths).encode()).hexdigest()
         return {"kind": "image_folder", "root": os.path.abspath(self.root), "num_classes": len(self.classes),
-                "classes": self.classes}
+                "classes": self.classes, "num_files": len(self.paths), "files_sha256": files}
 
 
 class TfdsImages:
@@ -182,6 +186,7 @@ class ImageFolderSource:
         self.images = ImageFolderImages(root)
         self.image_size, self.channels = int(image_size), int(channels)
         self.workers = workers or min(16, os.cpu_count() or 1)
+        self.num_classes = len(self.images.classes)
         self._pool = None
 
     def __len__(self) -> int:

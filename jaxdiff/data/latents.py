@@ -16,7 +16,8 @@ On disk, one directory per split, ``<root>/<split>/``:
   ``views`` (``["image"]`` or ``["image", "hflip"]``), ``latent_shape`` ``[h, w, C]``, ``dtype``,
   ``scaling_factor``, ``num_done`` (images written so far; an interrupted ``encode`` resumes from
   there), ``settings`` (what was encoded and how: VAE, source, crop, image size);
-* ``mean.npy``, ``std.npy``: ``(N, V, h, w, C)`` in ``dtype``; ``label.npy``: ``(N,)`` int32.
+* ``mean.npy``: ``(N, V, h, w, C)`` in ``dtype`` (float32 or float16); ``std.npy``: the same
+  shape in float32; ``label.npy``: ``(N,)`` int32.
 
 Example ``j`` of the source (``0 <= j < N * V``) is view ``j // N`` of image ``j % N``: an epoch
 sees every image once as it is and, with flips stored, once mirrored.
@@ -96,6 +97,9 @@ class LatentSource:
             raise ValueError(f"latent dataset {d!r}: mean.npy {self._mean.shape} / label.npy {self._label.shape} "
                              f"do not match meta.json ({want})")
         self.scaling_factor = float(self.meta["scaling_factor"])
+        declared = (self.meta.get("settings") or {}).get("source", {}).get("num_classes")
+        self.num_classes = int(declared) if declared else int(self._label.max()) + 1 if n else 0
+        """Classes of the source dataset (its declared count, else the largest label + 1)."""
 
     def __len__(self) -> int:
         return self.num_images * self.num_views
@@ -138,6 +142,8 @@ class LatentWriter:
                      "scaling_factor": float(scaling_factor), "num_done": 0, "settings": settings}
         shape = (int(num_images), len(views), *self.meta["latent_shape"])
         meta_path = os.path.join(self.dir, "meta.json")
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = _lock(os.path.join(self.dir, ".lock"))
         if os.path.exists(meta_path):
             old = read_meta(root, split)
             mismatched = [k for k in ("num_images", "views", "latent_shape", "dtype", "scaling_factor", "settings")
@@ -149,15 +155,16 @@ class LatentWriter:
             self.meta["num_done"] = int(old["num_done"])
             mode = "r+"
         else:
-            os.makedirs(self.dir, exist_ok=True)
             mode = "w+"
         self._mean = np.lib.format.open_memmap(os.path.join(self.dir, "mean.npy"), mode=mode, dtype=dtype, shape=shape)
-        self._std = np.lib.format.open_memmap(os.path.join(self.dir, "std.npy"), mode=mode, dtype=dtype, shape=shape)
+        self._std = np.lib.format.open_memmap(os.path.join(self.dir, "std.npy"), mode=mode, dtype=np.float32,
+                                               shape=shape)
         self._label = np.lib.format.open_memmap(os.path.join(self.dir, "label.npy"), mode=mode, dtype=np.int32,
                                                 shape=shape[:1])
         for name, arr in (("mean", self._mean), ("std", self._std), ("label", self._label)):
-            if arr.shape != (shape if name != "label" else shape[:1]):
-                raise ValueError(f"{self.dir}/{name}.npy has shape {arr.shape}, expected {shape}")
+            want = shape if name != "label" else shape[:1]
+            if arr.shape != want:
+                raise ValueError(f"{self.dir}/{name}.npy has shape {arr.shape}, expected {want}")
         if mode == "w+":
             self.commit(0)
 
@@ -178,7 +185,43 @@ class LatentWriter:
         tmp = os.path.join(self.dir, "meta.json.tmp")
         with open(tmp, "w") as f:
             json.dump(self.meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.dir, "meta.json"))
+        _fsync_dir(self.dir)
+
+    def close(self) -> None:
+        """Releases the directory's lock (the memory maps close with the object)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _lock(path: str):
+    """An exclusive, non-blocking ``flock`` on ``path`` (released when the file is closed)."""
+    import fcntl
+
+    f = open(path, "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"another process is writing {os.path.dirname(path)!r} (it holds {path}); "
+                         "wait for it, or write to another --out") from None
+    return f
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _jsonable(x):

@@ -218,6 +218,17 @@ def check_data_shape(config, source) -> None:
             f"data.channels={d.get('channels')}, data.dim={d.get('dim')}): {fix}, or use a dataset of that shape.")
 
 
+def check_data_labels(config, source) -> None:
+    """A class-conditional model needs at least as many classes as the dataset has: label
+    ``num_classes`` is the null class of classifier-free guidance, larger ones index past the table.
+    Checked for sources that know their class count (image folders, latent datasets)."""
+    have = getattr(source, "num_classes", None)
+    n = num_classes(config)
+    if n and have and int(have) > n:
+        raise ValueError(f"the dataset has {have} classes but config.model.num_classes={n}: set "
+                         f"--config.model.num_classes={have} (label {n} is the null class of guidance)")
+
+
 def _trim_metrics(path: str, start: int) -> None:
     """Keep the complete rows of ``metrics.jsonl`` up to step ``start``: after a kill, the steps
     past the restored checkpoint (and a half-written last line) are dropped, since they run again."""
@@ -312,6 +323,7 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
     source = make_source(config.data, "train")
     check_data_shape(config, source)
+    check_data_labels(config, source)
     if jax.process_index() == 0:  # only once the config has been checked against the data
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:
