@@ -34,3 +34,18 @@ def run_python(args, *, env_extra=None, cache_dir=None, timeout=600):
     if proc.returncode != 0:
         raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def save_random_vae(path, config: dict, seed: int = 0, noise: float = 0.05):
+    """A diffusers ``AutoencoderKL(**config)`` with every weight moved by ``noise`` * N(0, 1) (away
+    from diffusers' zero / identity initialisations), saved as safetensors in ``path``; returns it."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    ref = diffusers.AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(noise * torch.randn_like(p))
+    ref.save_pretrained(str(path), safe_serialization=True)
+    return ref

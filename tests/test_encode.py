@@ -15,6 +15,7 @@ from PIL import Image
 from jaxdiff.data import LatentSource, make_source
 from jaxdiff.data.images import ImageFolderImages, center_crop_arr
 from jaxdiff.encode import encode_images, image_reader
+from tests.helpers import save_random_vae
 from tests.nets.test_vae import SMALL
 
 torch = pytest.importorskip("torch")
@@ -27,12 +28,7 @@ SHAPES = [(40, 24), (24, 40), (33, 17), (64, 64), (16, 16), (50, 31), (20, 20)]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("encode")
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(**SMALL).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.save_pretrained(str(root / "vae"), safe_serialization=True)
+    ref = save_random_vae(root / "vae", SMALL)
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate(SHAPES):
         yy, xx = np.mgrid[0:h, 0:w] / max(h, w)

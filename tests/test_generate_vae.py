@@ -11,6 +11,7 @@ from jaxdiff.config_base import base_config, check_config
 from jaxdiff.generate import generate, make_sample_fn
 from jaxdiff.modeling import build_model
 from jaxdiff.nets.vae import posterior_sample
+from tests.helpers import save_random_vae
 from tests.nets.test_vae import SMALL
 
 torch = pytest.importorskip("torch")
@@ -18,12 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def test_latent_samples_are_decoded_as_diffusers_decodes_them(tmp_path):
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(**SMALL).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    ref = save_random_vae(tmp_path / "vae", SMALL)
 
     c = base_config()
     c.data.image_size, c.data.channels = 4, 4  # 4x4x4 latents -> 16x16x3 images (SMALL: 3 levels)

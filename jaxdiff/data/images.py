@@ -204,12 +204,9 @@ class ImageFolderSource:
     def __getitem__(self, indices: Any) -> dict[str, np.ndarray]:
         import concurrent.futures
 
-        idx = np.asarray(indices, dtype=np.int64)
-        flat = idx.reshape(-1)
-        n = len(self)
-        if flat.size and (flat.min() < -n or flat.max() >= n):
-            raise IndexError(f"index out of range for {n} examples")
-        flat = np.where(flat < 0, flat + n, flat)
+        from jaxdiff.data.pipeline import flat_indices
+
+        idx, flat = flat_indices(indices, len(self))
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers)
         arrs = list(self._pool.map(self._load, [int(i) for i in flat]))

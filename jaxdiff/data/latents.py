@@ -105,12 +105,9 @@ class LatentSource:
         return self.num_images * self.num_views
 
     def __getitem__(self, indices: Any) -> dict[str, np.ndarray]:
-        idx = np.asarray(indices, dtype=np.int64)
-        flat = idx.reshape(-1)
-        size = len(self)
-        if flat.size and (flat.min() < -size or flat.max() >= size):
-            raise IndexError(f"index out of range for {size} examples")
-        flat = np.where(flat < 0, flat + size, flat)
+        from jaxdiff.data.pipeline import flat_indices
+
+        idx, flat = flat_indices(indices, len(self))
         image, view = flat % self.num_images, flat // self.num_images
         shape = idx.shape + tuple(self.meta["latent_shape"])
         out = {"image": np.asarray(self._mean[image, view], np.float32).reshape(shape),

@@ -33,6 +33,7 @@ __all__ = [
     "ArraySource",
     "BatchIterator",
     "batch_iterator",
+    "flat_indices",
     "global_batch_indices",
     "random_flip",
 ]
@@ -82,6 +83,16 @@ class ArraySource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={len(self)}, image_shape={self.images.shape[1:]})"
+
+
+def flat_indices(indices: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(idx, flat)``: ``indices`` as an int64 array and flattened into ``[0, n)`` (negative
+    indices count from the end, as numpy's); IndexError outside ``[-n, n)``."""
+    idx = np.asarray(indices, dtype=np.int64)
+    flat = idx.reshape(-1)
+    if flat.size and (flat.min() < -n or flat.max() >= n):
+        raise IndexError(f"index out of range for {n} examples")
+    return idx, np.where(flat < 0, flat + n, flat)
 
 
 def _epoch_permutation(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:

@@ -184,11 +184,9 @@ class TfdsSource:
         return [self._source[i] for i in indices]
 
     def __getitem__(self, indices: Any) -> dict[str, np.ndarray]:
-        idx = np.asarray(indices, dtype=np.int64)
-        flat = idx.reshape(-1)
-        if flat.size and (flat.min() < -self._len or flat.max() >= self._len):
-            raise IndexError(f"index out of range for {self._len} examples")
-        flat = np.where(flat < 0, flat + self._len, flat)
+        from jaxdiff.data.pipeline import flat_indices
+
+        idx, flat = flat_indices(indices, self._len)
         records = self._read([int(i) for i in flat])
         if not records:
             raise ValueError("TfdsSource needs at least one index")

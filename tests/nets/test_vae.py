@@ -8,6 +8,7 @@ import pytest
 
 from jaxdiff.nets.from_diffusers import load_vae, vae_fields
 from jaxdiff.nets.vae import AutoencoderKL
+from tests.helpers import save_random_vae
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -22,12 +23,7 @@ SMALL = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(**SMALL).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.save_pretrained(str(root), safe_serialization=True)
+    ref = save_random_vae(root, SMALL)
     fields, params, scaling = load_vae(str(root))
     return ref, AutoencoderKL(**fields), params, scaling
 
