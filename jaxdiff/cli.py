@@ -68,7 +68,8 @@ flags.DEFINE_string("tfds", None, "encode: a prepared TFDS image dataset (e.g. i
 flags.DEFINE_string("tfds_data_dir", None, "encode: TFDS data_dir of --tfds (default: TFDS's).")
 flags.DEFINE_integer("image_size", 256, "encode: side of ADM's centre crop the VAE encodes.")
 flags.DEFINE_bool("flip", True, "encode: also store each mirror image's latents (DiT trains with random flips).")
-flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "encode: storage dtype of the latents.")
+flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "encode: storage dtype of the posterior means "
+                  "(the stds stay float32).")
 flags.DEFINE_integer("limit", 0, "encode: only the first N images (0: all).")
 flags.DEFINE_string("out_split", "", "encode: name of the split written under --out (default: --split, which must "
                     "then be a plain name, not a TFDS slice such as 'train[:10%]').")

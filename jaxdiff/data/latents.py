@@ -41,9 +41,6 @@ POSTERIORS = ("sample", "mean")
 """``config.data.latent_posterior``: ``"sample"`` (train on draws from the posterior, as DiT) or
 ``"mean"`` (train on the posterior mean)."""
 
-_ARRAYS = ("mean", "std", "label")
-
-
 def _split_dir(root: str, split: str) -> str:
     return os.path.join(os.path.expanduser(os.fspath(root)), split)
 
@@ -128,7 +125,9 @@ class LatentWriter:
     creates the files, or reopens them when ``meta.json`` exists with the same ``settings``,
     shape and dtype (``num_done`` then says where to continue). ``write(start, mean, std, label)``
     fills rows ``start:start + len(label)``; ``commit(num_done)`` flushes the arrays and then
-    rewrites ``meta.json`` atomically, so ``num_done`` never counts rows that are not on disk.
+    rewrites ``meta.json`` atomically (fsynced), so ``num_done`` never counts rows that are not on
+    disk. The writer holds an exclusive lock on the directory (``.lock``, ``fcntl.flock``) until
+    :meth:`close`: a second writer of the same split is refused.
     """
 
     def __init__(self, root: str, split: str, settings: dict, num_images: int, views: list[str],
@@ -146,6 +145,7 @@ class LatentWriter:
             mismatched = [k for k in ("num_images", "views", "latent_shape", "dtype", "scaling_factor", "settings")
                           if _jsonable(old.get(k)) != _jsonable(self.meta[k])]
             if mismatched:
+                self.close()
                 diff = "; ".join(f"{k}: {old.get(k)!r} on disk vs {self.meta[k]!r} now" for k in mismatched)
                 raise ValueError(f"{self.dir!r} holds a latent dataset made with other settings ({diff}); "
                                  "pass another --out (or --split), or delete it to start over")

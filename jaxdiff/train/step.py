@@ -60,7 +60,9 @@ def label_dropout(key, y, num_classes: int, p: float):
     return jnp.where(drop, num_classes, y)
 
 
-_LATENT_STREAM = 0x6C61  # fold_in constant of the posterior-draw key ("la"): the other keys stay as they were
+# fold_in constant of the posterior-draw key ("la"). The step's other keys are split(key, 3), i.e.
+# fold_in(key, 0..2) with jax's default threefry keys: any constant >= 3 leaves them as they were.
+_LATENT_STREAM = 0x6C61
 
 
 def latent_draw(key, batch):
