@@ -48,6 +48,8 @@ def get_config(variant: str = ""):
     c.sample.steps = 250
     c.sample.num = 16
     c.sample.nrow = 4
+    c.sample.decode_batch = 32  # each device decodes <= 32 latents at a time (~6 GiB of SD-VAE buffers, XLA:CPU's
+                                # count; benchmarks/decode_memory.py), whatever the sampling batch
     if variant == "tiny":
         c.data.name = "digits"
         c.data.image_size, c.data.channels = 8, 1

@@ -48,6 +48,8 @@ flags.DEFINE_enum("variance", None, ["fixed_small", "fixed_large", "learned_rang
                   "sample/eval with --sampler ddpm: the reverse variance (default: config.sample.variance, else the "
                   "learned one for a diffusion.variance='learned_range' model, else fixed_small).")
 flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin et al. 2024; 0 = off).")
+flags.DEFINE_integer("decode_batch", None, "sample/eval of a latent model: each device decodes at most this many latents "
+                     "at a time (default: config.sample.decode_batch; 0 = its whole share of the batch at once).")
 # eval / stats (issue 5)
 flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (also --num-samples).")
 flags.DEFINE_string("ref", None, "eval: reference statistics .npz (mu, sigma[, features]) from `jaxdiff stats` / pytorch-fid / ADM.")
@@ -108,6 +110,8 @@ def _sample() -> None:
         if sampler != "ddpm":
             raise app.UsageError(f"--variance is an option of --sampler ddpm, not of {sampler!r}")
         options["variance"] = FLAGS.variance
+    if FLAGS.decode_batch is not None:
+        options["decode_batch"] = FLAGS.decode_batch
     images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
                       num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
                       guidance_override=_guidance_flags(), **options)
@@ -150,7 +154,8 @@ def _eval() -> None:
         summary = run_eval(FLAGS.workdir, num=FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
                            ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                            batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
-                           progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance)
+                           progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance,
+                           decode_batch=FLAGS.decode_batch)
     except (FileNotFoundError, ValueError) as e:  # missing weights / reference / workdir, a flag that does not
         raise app.UsageError(str(e)) from None  # fit the model or sampler: the message says what to do
     print(json.dumps(summary, indent=2))

@@ -95,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
                                         # "" = learned_range if diffusion.variance is, else fixed_small
     c.sample.vae = ""                   # latent models: a local diffusers AutoencoderKL folder whose decoder
                                         # turns samples into images (grids, eval); "" = samples are images
+    c.sample.decode_batch = 0           # latent models: each device decodes at most this many latents at a time
+                                        # (a lax.map over chunks; bounds the decoder's memory); 0 = all at once
     # classifier-free guidance (class-conditional models; jaxdiff.guidance): scale 1 = the
     # conditional model alone (one model call), 0 = unconditional; interval (lo, hi) guides only
     # where sigma/alpha is in (lo, hi] (() = every step); rescale = CFG-rescale phi (0 = off)

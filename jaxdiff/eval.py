@@ -306,7 +306,8 @@ def _json_ready(d: dict) -> dict:
 def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int | None = None,
              ref: str | None = None, features: str = "inception", inception_weights: str | None = None,
              batch_size: int = 256, seed: int = 1, which: str = "", out: str | None = None,
-             progress: bool = True, guidance: dict | None = None, variance: str | None = None) -> dict:
+             progress: bool = True, guidance: dict | None = None, variance: str | None = None,
+             decode_batch: int | None = None) -> dict:
     """``jaxdiff eval``: sample ``num`` images from ``workdir``'s latest checkpoint, score them
     against the reference statistics ``ref`` and write the result to a JSON file.
 
@@ -314,7 +315,8 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     (``{"scale", "interval", "rescale"}``, see :func:`jaxdiff.generate.guidance_settings`).
     ``variance``: ``ddpm``'s reverse variance (``fixed_small``, ``fixed_large``, ``learned_range``;
     default :func:`jaxdiff.generate.ddpm_variance`), recorded in the result and, when given, in
-    the file name.
+    the file name. ``decode_batch``: each device decodes at most this many latents of a latent model at a time
+    (default ``config.sample.decode_batch``; see :func:`jaxdiff.generate.make_sample_fn`).
 
     With ``features="digits"`` and no ``ref``, the reference is the digits the model trained on
     (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
@@ -349,6 +351,8 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
 
     g = guidance_settings(config, guidance)
     options = {"variance": variance} if variance else {}
+    if decode_batch is not None:
+        options["decode_batch"] = int(decode_batch)
     tag = f"_{variance}" if variance else ""
     out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}{tag}.json")
     feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None

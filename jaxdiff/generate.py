@@ -21,7 +21,7 @@ from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, d
                               num_classes)
 from jaxdiff.schedules import make_grid
 
-__all__ = ["make_sample_fn", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
+__all__ = ["make_sample_fn", "decode_in_chunks", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
 
 
 def guidance_settings(config, override: dict | None = None) -> dict:
@@ -47,7 +47,7 @@ def ddpm_variance(config, override: str | None = None) -> str:
 
 
 def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, grid_kind=None,
-                   mesh=None, guidance_override: dict | None = None, **options):
+                   mesh=None, guidance_override: dict | None = None, decode_batch: int | None = None, **options):
     """``sample(params, key, y) -> images`` for one batch, jitted (``.lower`` works); images
     sharded over the mesh.
 
@@ -60,8 +60,11 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     other samplers use the prediction channels only.
     With ``config.sample.vae`` (a diffusers ``AutoencoderKL`` folder) the samples are latents and
     the function returns their decoding, ``decode(latents / scaling_factor)``, in the same jit
-    (Rombach et al. 2022; DiT's sampling): the whole batch is decoded at once, so the batch size
-    bounds the decoder's activation memory too."""
+    (Rombach et al. 2022; DiT's sampling). ``decode_batch`` (default ``config.sample.decode_batch``;
+    0 = the whole batch at once) bounds how many latents each device decodes at a time: the batch
+    is decoded in a ``lax.map`` over equal chunks, each device decoding its own latents, so the
+    decoder's activation memory follows ``decode_batch`` rather than the sampling batch (see
+    :func:`decode_in_chunks`)."""
     fn = samplers.get(sampler)
     process = build_process(config)
     sc = config.get("sample") or {}
@@ -88,6 +91,11 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
 
     check_sample_vae(config)  # the VAE's latents have the data's channels (a clear error, not Flax's)
     vae = _vae(sc.get("vae", ""))
+    if decode_batch is None:
+        decode_batch = int(sc.get("decode_batch", 0) or 0)
+    if int(decode_batch) < 0:
+        raise ValueError(f"decode_batch={decode_batch}: the number of latents a device decodes at a time must be "
+                         ">= 0 (0 = the whole batch)")
 
     def sample(params, key, y, vae_params=None):
         k_init, k_sampler = jax.random.split(key)
@@ -104,13 +112,50 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
             d = denoiser(config, model, params, y, with_variance=with_variance)
         x = fn(d, x, grid, key=k_sampler, **options)
         if vae is not None:  # latent diffusion: decode latents / scaling_factor to images
-            x = vae.model.apply({"params": vae_params}, x / vae.scaling_factor, method=vae.model.decode)
+            x = decode_in_chunks(
+                lambda z: vae.model.apply({"params": vae_params}, z / vae.scaling_factor, method=vae.model.decode),
+                x, int(decode_batch), mesh)
         return x
 
     jitted = compile_options.jit(sample, out_shardings=out_sharding)
     if vae is None:
         return jitted
     return _WithVAEParams(jitted, _on_mesh(vae.params, mesh))
+
+
+def decode_in_chunks(decode, x, decode_batch: int, mesh):
+    """``decode(x)`` for a batch ``x`` sharded over ``mesh`` along its leading axis (as the sampler
+    leaves it), computed in a ``lax.map`` over chunks in which each device decodes at most
+    ``decode_batch`` of its rows (0, or at least the rows per device: one call), so that only one
+    chunk's activations are live at a time.
+
+    The rows per device are split into the fewest equal chunks of at most ``decode_batch``
+    (a block they do not divide is padded with copies of its last row, whose decodings are
+    dropped); chunk ``i`` takes the ``i``-th piece of every device's own block, so every device
+    decodes its own latents and nothing moves between devices. Row ``j`` of the result is
+    ``decode`` of row ``j`` up to the floating-point effects of a different batch size."""
+    n_total = x.shape[0]
+    n_dev = mesh.size
+    if n_total % n_dev:
+        raise ValueError(f"batch {n_total} is not a multiple of the {n_dev} devices it is sharded over")
+    per_dev = n_total // n_dev
+    if decode_batch <= 0 or decode_batch >= per_dev:
+        return decode(x)
+    n_chunks = -(-per_dev // decode_batch)
+    size = -(-per_dev // n_chunks)                          # equal chunks, as little padding as possible
+    pad = n_chunks * size - per_dev
+    blocks = x.reshape((n_dev, per_dev) + x.shape[1:])
+    if pad:
+        blocks = jnp.concatenate([blocks, jnp.repeat(blocks[:, -1:], pad, axis=1)], axis=1)
+    spec = jax.sharding.PartitionSpec(None, parallel.BATCH_AXES)
+    chunks = blocks.reshape((n_dev, n_chunks, size) + x.shape[1:]).swapaxes(0, 1)
+    chunks = jax.lax.with_sharding_constraint(chunks.reshape((n_chunks, n_dev * size) + x.shape[1:]),
+                                              jax.sharding.NamedSharding(mesh, spec))
+    batch_sharding = parallel.batch_sharding(mesh)
+    out = jax.lax.map(lambda c: jax.lax.with_sharding_constraint(decode(c), batch_sharding), chunks)
+    out = out.reshape((n_chunks, n_dev, size) + out.shape[2:]).swapaxes(0, 1)
+    out = out.reshape((n_dev, n_chunks * size) + out.shape[3:])[:, :per_dev]
+    return out.reshape((n_total,) + out.shape[2:])
 
 
 class _WithVAEParams:
