@@ -31,8 +31,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler); see jaxdiff.samplers.available().")
-flags.DEFINE_integer("steps", None, "Number of sampler steps (default: config.sample.steps).")
+flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler); see jaxdiff.samplers.available(). "
+                    "eval: a comma-separated list sweeps the samplers.")
+flags.DEFINE_string("steps", None, "Number of sampler steps (default: config.sample.steps). eval: a comma-separated "
+                    "list (e.g. 5,10,20,50) sweeps the step counts: one result per sampler and step count, and a "
+                    "Markdown table with the NFE of each.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sample.num).")
 flags.DEFINE_string("out", None, "Output file: sample PNG (default: WORKDIR/samples/<sampler>_<steps>.png), "
                     "eval JSON (default: WORKDIR/eval/<features>_<sampler>_<steps>_<num>.json), stats .npz.")
@@ -102,8 +105,11 @@ def _sample() -> None:
         config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from None
-    sampler = FLAGS.sampler or config.sample.sampler
-    steps = FLAGS.steps or int(config.sample.steps)
+    samplers, steps_list = _list_flag("sampler", str), _list_flag("steps", int)
+    if len(samplers) > 1 or len(steps_list) > 1:
+        raise app.UsageError("jaxdiff sample takes one --sampler and one --steps (sweeps are for jaxdiff eval)")
+    sampler = (samplers or [config.sample.sampler])[0]
+    steps = (steps_list or [int(config.sample.steps)])[0]
     num = FLAGS.num or int(config.sample.num)
     options = {}
     if FLAGS.variance:
@@ -126,6 +132,18 @@ def _sample() -> None:
     print(json.dumps(summary))
 
 
+def _list_flag(name: str, kind) -> list:
+    """``--sampler a,b`` / ``--steps 5,10``: the comma-separated values of a flag ([] if not given)."""
+    value = FLAGS[name].value
+    if value is None:
+        return []
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise app.UsageError(f"--{name}={value!r}: expected comma-separated {kind.__name__} values") from None
+
+
 def _guidance_flags() -> dict:
     """The --guidance_* flags that were given, as a guidance_settings override."""
     g = {}
@@ -142,23 +160,29 @@ def _guidance_flags() -> dict:
 
 
 def _eval() -> None:
-    from jaxdiff.eval import run_eval
+    from jaxdiff.eval import run_eval_sweep
 
     if FLAGS.workdir is None:
         raise app.UsageError("jaxdiff eval needs --workdir (and --ref STATS.npz unless --features digits)")
-    if FLAGS.variance and FLAGS.sampler and FLAGS.sampler != "ddpm":
+    samplers, steps = _list_flag("sampler", str), _list_flag("steps", int)
+    if FLAGS.variance and any(s != "ddpm" for s in samplers):
         raise app.UsageError(f"--variance is an option of --sampler ddpm, not of {FLAGS.sampler!r}")
     if FLAGS.features == "inception" and not FLAGS.ref:
         raise app.UsageError("jaxdiff eval --features inception needs --ref STATS.npz (make one with `jaxdiff stats`)")
     try:
-        summary = run_eval(FLAGS.workdir, num=FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
-                           ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
-                           batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
-                           progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance,
-                           decode_batch=FLAGS.decode_batch)
+        sweep = run_eval_sweep(FLAGS.workdir, num=FLAGS.num_samples, samplers=samplers, steps=steps,
+                               ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
+                               batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
+                               progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance,
+                               decode_batch=FLAGS.decode_batch)
     except (FileNotFoundError, ValueError) as e:  # missing weights / reference / workdir, a flag that does not
         raise app.UsageError(str(e)) from None  # fit the model or sampler: the message says what to do
-    print(json.dumps(summary, indent=2))
+    if sweep["table"] is None:
+        print(json.dumps(sweep["results"][0], indent=2))
+        return
+    with open(sweep["table"]) as f:
+        print(f.read(), file=sys.stderr)
+    print(json.dumps(sweep, indent=2))
 
 
 def _stats() -> None:

@@ -37,7 +37,7 @@ from jaxdiff import compile_options, parallel
 from jaxdiff.metrics import fid as M
 
 __all__ = ["FeatureExtractor", "get_extractor", "EXTRACTORS", "evaluate_model", "dataset_statistics",
-           "compare_to_reference", "guidance_tag", "restore_for_sampling", "run_eval", "run_stats"]
+           "compare_to_reference", "guidance_tag", "restore_for_sampling", "run_eval", "run_eval_sweep", "sweep_table", "run_stats"]
 
 EXTRACTORS = ("inception", "digits")
 
@@ -321,21 +321,52 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     With ``features="digits"`` and no ``ref``, the reference is the digits the model trained on
     (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
     ``features`` (``jaxdiff stats --save_features``); the samples' features then go to a
-    memory-mapped ``.npy`` next to the JSON file.
+    memory-mapped ``.npy`` next to the JSON file. The result records ``nfe``, the denoiser
+    evaluations per sample (:func:`jaxdiff.generate.sample_nfe`; None for an adaptive sampler).
     """
+    return run_eval_sweep(workdir, num=num, samplers=[sampler], steps=[steps], ref=ref, features=features,
+                          inception_weights=inception_weights, batch_size=batch_size, seed=seed, which=which,
+                          out=out, progress=progress, guidance=guidance, variance=variance,
+                          decode_batch=decode_batch)["results"][0]
+
+
+def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: str | None = None,
+                   features: str = "inception", inception_weights: str | None = None, batch_size: int = 256,
+                   seed: int = 1, which: str = "", out: str | None = None, progress: bool = True,
+                   guidance: dict | None = None, variance: str | None = None,
+                   decode_batch: int | None = None) -> dict:
+    """:func:`run_eval` for every (sampler, steps) pair of ``samplers`` x ``steps`` -- the FID vs
+    NFE tables of sampler papers -- with the checkpoint restored, the feature network loaded and
+    the reference statistics read once. Every pair samples from the same seed, so the initial
+    noise is shared. Each pair writes its own JSON file as :func:`run_eval` does (``out`` only
+    for a single pair); with more than one pair, a Markdown table of them goes to
+    ``WORKDIR/eval/sweep_<features>_<num>[guidance][_variance].md``. ``None`` in ``samplers`` /
+    ``steps`` means the config's ``sample.sampler`` / ``sample.steps``.
+
+    Returns ``{"results": [summary, ...], "table": path or None}``."""
     import json
 
-    t0 = time.time()
+    from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe
+
+    samplers, steps = list(samplers) or [None], list(steps) or [None]
+    if out and len(samplers) * len(steps) > 1:
+        raise ValueError("out names one result file; a sweep over several samplers or step counts writes one per pair")
     extractor = get_extractor(features, inception_weights=inception_weights)  # missing weights: fail first
     config, model, params, step = restore_for_sampling(workdir, which)
-    sampler = sampler or config.sample.sampler
-    steps = int(steps or config.sample.steps)
+    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps)) for sm in samplers for n in steps]
+    for sampler, n in pairs:
+        if n < 1:
+            raise ValueError(f"steps must be >= 1, got {n}")
+        from jaxdiff import samplers as _samplers
+
+        _samplers.get(sampler)  # an unknown name lists the valid ones, before any sampling
     if variance:  # before any sampling or reference statistics
         from jaxdiff.modeling import learns_variance
 
-        if sampler != "ddpm":
-            raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r} "
-                             "(pass --sampler ddpm)")
+        for sampler, _ in pairs:
+            if sampler != "ddpm":
+                raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r} "
+                                 "(pass --sampler ddpm)")
         if variance == "learned_range" and not learns_variance(config):
             raise ValueError("--variance=learned_range needs a model trained with diffusion.variance='learned_range'")
     if ref:
@@ -347,31 +378,63 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
         ref = f"{config.data.name} train split"
     else:
         raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
-    from jaxdiff.generate import ddpm_variance, guidance_settings
-
     g = guidance_settings(config, guidance)
     options = {"variance": variance} if variance else {}
     if decode_batch is not None:
         options["decode_batch"] = int(decode_batch)
     tag = f"_{variance}" if variance else ""
-    out = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{steps}_{num}{guidance_tag(g)}{tag}.json")
-    feats_path = os.path.splitext(out)[0] + "_features.npy" if "features" in reference else None
-    result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
-                            num_steps=steps, extractor=extractor, batch_size=batch_size,
-                            features_path=feats_path, progress=progress, guidance_override=g, **options)
-    summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": steps,
-               "num_samples": int(num), "seed": int(seed), "features": features, "ref": ref, "guidance": g,
-               **compare_to_reference(result, reference)}
-    if sampler == "ddpm":
-        summary["variance"] = ddpm_variance(config, variance)
-    summary["eval_seconds"] = round(time.time() - t0, 1)
-    summary = _json_ready(summary)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(summary, f, indent=2)
-    summary["out"] = out
-    return summary
+    results = []
+    for sampler, n in pairs:
+        t1 = time.time()
+        path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}_{num}{guidance_tag(g)}{tag}.json")
+        feats_path = os.path.splitext(path)[0] + "_features.npy" if "features" in reference else None
+        result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
+                                num_steps=n, extractor=extractor, batch_size=batch_size,
+                                features_path=feats_path, progress=progress, guidance_override=g, **options)
+        summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": n,
+                   "nfe": sample_nfe(config, sampler, n, **options), "num_samples": int(num), "seed": int(seed),
+                   "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
+        if sampler == "ddpm":
+            summary["variance"] = ddpm_variance(config, variance)
+        summary["eval_seconds"] = round(time.time() - t1, 1)  # sampling and scoring this pair
+        summary = _json_ready(summary)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+        summary["out"] = path
+        results.append(summary)
+    table = None
+    if len(pairs) > 1:
+        table = os.path.join(workdir, "eval", f"sweep_{features}_{num}{guidance_tag(g)}{tag}.md")
+        if jax.process_index() == 0:
+            with open(table, "w") as f:
+                f.write(sweep_table(results))
+    return {"results": results, "table": table}
+
+
+def sweep_table(results: list[dict]) -> str:
+    """A Markdown table of eval summaries: one row per (sampler, steps), with the NFE and every
+    metric the summaries have (FID, IS, KID, precision / recall, class accuracy)."""
+    metrics = [k for k in ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy")
+               if any(k in r for r in results)]
+    names = {"fid": "FID" if results and results[0].get("features") == "inception" else "FD",
+             "inception_score": "IS", "kid": "KID", "precision": "precision", "recall": "recall",
+             "class_accuracy": "class accuracy"}
+    r0 = results[0]
+    lines = [f"Checkpoint step {r0['checkpoint_step']} of `{r0['workdir']}`; {r0['num_samples']} samples per row, "
+             f"seed {r0['seed']}, {r0['features']} features against {r0['ref']}; guidance {r0['guidance']}.", "",
+             "| sampler | steps | NFE | " + " | ".join(names[k] for k in metrics) + " | seconds |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    for r in results:
+        cells = []
+        for k in metrics:
+            v = r.get(k)
+            cells.append("" if v is None else f"{v:.4g}" if k != "inception_score" or "inception_score_std" not in r
+                         else f"{v:.4g} +- {r['inception_score_std']:.2g}")
+        nfe = "adaptive" if r.get("nfe") is None else str(r["nfe"])
+        lines.append(f"| {r['sampler']} | {r['steps']} | {nfe} | " + " | ".join(cells) + f" | {r['eval_seconds']} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_stats(source, out: str, *, features: str = "inception", inception_weights: str | None = None,

@@ -21,7 +21,7 @@ from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, d
                               num_classes)
 from jaxdiff.schedules import make_grid
 
-__all__ = ["make_sample_fn", "decode_in_chunks", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
+__all__ = ["make_sample_fn", "sample_nfe", "decode_in_chunks", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
 
 
 def guidance_settings(config, override: dict | None = None) -> dict:
@@ -68,14 +68,7 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     fn = samplers.get(sampler)
     process = build_process(config)
     sc = config.get("sample") or {}
-    grid = make_grid(process, int(num_steps), grid_kind or sc.get("grid") or None)
-    clip = float(sc.get("clip_denoised", 0.0) or 0.0)
-    if clip > 0 and sampler in ("ddpm", "ddim"):
-        options.setdefault("clip_denoised", clip)
-    if sampler == "ddpm":
-        options.setdefault("variance", ddpm_variance(config))
-    elif options.get("variance"):
-        raise ValueError(f"variance={options['variance']!r} is an option of the ddpm sampler, not of {sampler!r}")
+    grid, options = _grid_and_options(config, process, sampler, num_steps, grid_kind, options)
     with_variance = options.get("variance") == "learned_range"
     if with_variance and not learns_variance(config):
         raise ValueError("ddpm with variance='learned_range' needs a model trained with "
@@ -121,6 +114,38 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     if vae is None:
         return jitted
     return _WithVAEParams(jitted, _on_mesh(vae.params, mesh))
+
+
+def _grid_and_options(config, process, sampler: str, num_steps: int, grid_kind, options: dict):
+    """The time grid and the sampler's options as ``make_sample_fn`` runs them: ``grid_kind`` or
+    ``config.sample.grid``; ``ddpm`` / ``ddim`` clipping and ``ddpm``'s variance from the config."""
+    sc = config.get("sample") or {}
+    grid = make_grid(process, int(num_steps), grid_kind or sc.get("grid") or None)
+    options = dict(options)
+    clip = float(sc.get("clip_denoised", 0.0) or 0.0)
+    if clip > 0 and sampler in ("ddpm", "ddim"):
+        options.setdefault("clip_denoised", clip)
+    if sampler == "ddpm":
+        options.setdefault("variance", ddpm_variance(config))
+    elif options.get("variance"):
+        raise ValueError(f"variance={options['variance']!r} is an option of the ddpm sampler, not of {sampler!r}")
+    return grid, options
+
+
+def sample_nfe(config, sampler: str, num_steps: int, *, grid_kind=None, **options) -> int | None:
+    """Denoiser evaluations per sample of ``make_sample_fn(config, ..., sampler, num_steps, ...)``
+    (the NFE of the papers' tables; :func:`jaxdiff.samplers.nfe.count_nfe` on the same grid and
+    options); None for an adaptive sampler, whose NFE depends on the model. Classifier-free
+    guidance runs both branches in one call per evaluation and does not change it."""
+    from jaxdiff.samplers.nfe import ADAPTIVE, count_nfe
+
+    if sampler in ADAPTIVE:
+        return None
+    options.pop("decode_batch", None)
+    grid, options = _grid_and_options(config, build_process(config), sampler, num_steps, grid_kind, options)
+    if options.get("variance") == "learned_range":  # one evaluation per step with any variance; the
+        options["variance"] = "fixed_small"         # stand-in denoiser has no variance channels
+    return count_nfe(sampler, grid, **options)
 
 
 def decode_in_chunks(decode, x, decode_batch: int, mesh):

@@ -2,7 +2,7 @@
 
 See :mod:`jaxdiff.samplers.base` for the contract. ``available()`` lists the registered names;
 ``get(name)`` returns the function. Each function carries ``order`` (of its ODE part) and
-``stochastic``.
+``stochastic``. ``count_nfe(name, grid, **options)`` counts the denoiser evaluations of a run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jaxdiff.samplers.adaptive import pf_ode_adaptive
 from jaxdiff.samplers.flow import flow_euler, flow_heun
 from jaxdiff.samplers.consistency import consistency_multistep
 from jaxdiff.samplers.api import sample
+from jaxdiff.samplers.nfe import count_nfe
 
 _REGISTRY: dict[str, Callable] = {
     "ddpm": ddpm,
@@ -77,4 +78,4 @@ __all__ = ["available", "get", "register", "ddpm", "ddim", "euler", "heun", "dpm
            "euler_ancestral", "dpm2", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
            "dpmpp_3m", "dpmpp_3m_sde", "lms", "ipndm", "ipndm_v",
            "dpm_solver", "unipc", "deis", "pndm", "plms", "reverse_sde_pc", "pf_ode_adaptive", "flow_euler",
-           "flow_heun", "consistency_multistep", "sample"]
+           "flow_heun", "consistency_multistep", "sample", "count_nfe"]

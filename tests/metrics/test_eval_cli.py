@@ -126,3 +126,18 @@ def test_eval_and_sample_with_a_ddpm_variance(run):
                        "--variance=fixed_large", "--noprogress"], cache_dir=cache)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["out"].endswith("ddpm_3_fixed_large.png") and summary["variance"] == "fixed_large"
+
+
+def test_eval_cli_sweeps_samplers_and_steps(run):
+    root, cache, wd, _ = run
+    proc = run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--num-samples=10", "--features=digits",
+                       "--batch_size=10", "--sampler=ddim,heun", "--steps=2,3", "--noprogress"], cache_dir=cache)
+    sweep = json.loads(proc.stdout)
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in sweep["results"]] == [
+        ("ddim", 2, 2), ("ddim", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
+    assert "| heun | 3 | 5 |" in proc.stderr and open(sweep["table"]).read() in proc.stderr
+    with pytest.raises(AssertionError, match="one --sampler and one --steps"):
+        run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--steps=2,3", "--noprogress"], cache_dir=cache)
+    with pytest.raises(AssertionError, match="expected comma-separated int"):
+        run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--features=digits", "--steps=two"],
+                   cache_dir=cache)

@@ -99,3 +99,29 @@ def test_resume_past_num_steps_is_an_error(run, tmp_path):
         run_python(["-m", "jaxdiff.cli", "train", f"--config={CFG}", f"--workdir={wd2}",
                     "--config.train.num_steps=3", "--noprogress"], cache_dir=root / "cache")
     assert os.path.isdir(wd2 / "checkpoints" / "6")
+
+
+def test_eval_sweep_over_samplers_and_steps(run):
+    """``jaxdiff eval --sampler ddim,heun --steps 2,3`` (``run_eval_sweep``): one result per pair
+    with its NFE (Heun's 2N - 1 on this VP grid, DDIM's N), the pair's result equal to a single
+    ``run_eval`` of it, one JSON file each and a table with a row each."""
+    from jaxdiff.eval import run_eval, run_eval_sweep
+
+    root, wd, _ = run
+    sweep = run_eval_sweep(str(wd), num=10, samplers=["ddim", "heun"], steps=[2, 3], features="digits",
+                           batch_size=10, progress=False)
+    results = sweep["results"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in results] == [
+        ("ddim", 2, 2), ("ddim", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
+    assert len({r["fid"] for r in results}) == 4 and all(os.path.exists(r["out"]) for r in results)
+    single = run_eval(str(wd), num=10, sampler="heun", steps=3, features="digits", batch_size=10, progress=False,
+                      out=str(root / "heun3.json"))
+    assert single["fid"] == results[3]["fid"] and single["nfe"] == 5
+    table = open(sweep["table"]).read().splitlines()
+    assert sweep["table"].endswith(os.path.join("eval", "sweep_digits_10.md"))
+    assert table[2].startswith("| sampler | steps | NFE | FD |") and len(table) == 4 + 4
+    assert table[-1].startswith("| heun | 3 | 5 | ")
+    with pytest.raises(ValueError, match="one result file"):
+        run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 3], features="digits", out=str(root / "x.json"))
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        run_eval_sweep(str(wd), num=10, samplers=["ddim", "nope"], steps=[2], features="digits")
