@@ -51,6 +51,9 @@ flags.DEFINE_enum("variance", None, ["fixed_small", "fixed_large", "learned_rang
                   "sample/eval with --sampler ddpm: the reverse variance (default: config.sample.variance, else the "
                   "learned one for a diffusion.variance='learned_range' model, else fixed_small).")
 flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin et al. 2024; 0 = off).")
+flags.DEFINE_string("grid", None, "sample/eval: time grid kind (jaxdiff.schedules.GRID_KINDS: linspace, leading, "
+                    "trailing, karras, uniform, logsnr, beta, beta_sigmas; default: config.sample.grid, else the "
+                    "process's default). eval: a comma-separated list sweeps the grids.")
 flags.DEFINE_integer("decode_batch", None, "sample/eval of a latent model: each device decodes at most this many latents "
                      "at a time (default: config.sample.decode_batch; 0 = its whole share of the batch at once).")
 # eval / stats (issue 5)
@@ -105,9 +108,10 @@ def _sample() -> None:
         config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from None
-    samplers, steps_list = _list_flag("sampler", str), _list_flag("steps", int)
-    if len(samplers) > 1 or len(steps_list) > 1:
-        raise app.UsageError("jaxdiff sample takes one --sampler and one --steps (sweeps are for jaxdiff eval)")
+    samplers, steps_list, grids = _list_flag("sampler", str), _list_flag("steps", int), _list_flag("grid", str)
+    if len(samplers) > 1 or len(steps_list) > 1 or len(grids) > 1:
+        raise app.UsageError("jaxdiff sample takes one --sampler, one --steps and one --grid (sweeps are for jaxdiff "
+                             "eval)")
     sampler = (samplers or [config.sample.sampler])[0]
     steps = (steps_list or [int(config.sample.steps)])[0]
     num = FLAGS.num or int(config.sample.num)
@@ -118,13 +122,21 @@ def _sample() -> None:
         options["variance"] = FLAGS.variance
     if FLAGS.decode_batch is not None:
         options["decode_batch"] = FLAGS.decode_batch
+    if grids:
+        from jaxdiff.schedules import GRID_KINDS
+
+        if grids[0] not in GRID_KINDS:
+            raise app.UsageError(f"--grid={grids[0]!r}: unknown grid kind; valid: {', '.join(GRID_KINDS)}")
+        options["grid_kind"] = grids[0]
     images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
                       num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
                       guidance_override=_guidance_flags(), **options)
-    tag = f"_{FLAGS.variance}" if FLAGS.variance else ""
+    tag = (f"_{grids[0]}" if grids else "") + (f"_{FLAGS.variance}" if FLAGS.variance else "")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}{tag}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
     summary = {"checkpoint_step": int(step), "sampler": sampler, "steps": steps, "num": num, "out": out}
+    if grids:
+        summary["grid"] = grids[0]
     if sampler == "ddpm":
         from jaxdiff.generate import ddpm_variance
 
@@ -164,7 +176,7 @@ def _eval() -> None:
 
     if FLAGS.workdir is None:
         raise app.UsageError("jaxdiff eval needs --workdir (and --ref STATS.npz unless --features digits)")
-    samplers, steps = _list_flag("sampler", str), _list_flag("steps", int)
+    samplers, steps, grids = _list_flag("sampler", str), _list_flag("steps", int), _list_flag("grid", str)
     if FLAGS.variance and any(s != "ddpm" for s in samplers):
         raise app.UsageError(f"--variance is an option of --sampler ddpm, not of {FLAGS.sampler!r}")
     if FLAGS.features == "inception" and not FLAGS.ref:
@@ -174,7 +186,7 @@ def _eval() -> None:
                                ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                                batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
                                progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance,
-                               decode_batch=FLAGS.decode_batch)
+                               decode_batch=FLAGS.decode_batch, grids=grids)
     except (FileNotFoundError, ValueError) as e:  # missing weights / reference / workdir, a flag that does not
         raise app.UsageError(str(e)) from None  # fit the model or sampler: the message says what to do
     if sweep["table"] is None:

@@ -307,7 +307,7 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
              ref: str | None = None, features: str = "inception", inception_weights: str | None = None,
              batch_size: int = 256, seed: int = 1, which: str = "", out: str | None = None,
              progress: bool = True, guidance: dict | None = None, variance: str | None = None,
-             decode_batch: int | None = None) -> dict:
+             decode_batch: int | None = None, grid: str | None = None) -> dict:
     """``jaxdiff eval``: sample ``num`` images from ``workdir``'s latest checkpoint, score them
     against the reference statistics ``ref`` and write the result to a JSON file.
 
@@ -317,6 +317,9 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     default :func:`jaxdiff.generate.ddpm_variance`), recorded in the result and, when given, in
     the file name. ``decode_batch``: each device decodes at most this many latents of a latent model at a time
     (default ``config.sample.decode_batch``; see :func:`jaxdiff.generate.make_sample_fn`).
+    ``grid``: the time grid kind (:data:`jaxdiff.schedules.GRID_KINDS`; default
+    ``config.sample.grid``, else the process's default), recorded in the result and, when given,
+    in the file name.
 
     With ``features="digits"`` and no ``ref``, the reference is the digits the model trained on
     (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
@@ -327,34 +330,42 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     return run_eval_sweep(workdir, num=num, samplers=[sampler], steps=[steps], ref=ref, features=features,
                           inception_weights=inception_weights, batch_size=batch_size, seed=seed, which=which,
                           out=out, progress=progress, guidance=guidance, variance=variance,
-                          decode_batch=decode_batch)["results"][0]
+                          decode_batch=decode_batch, grids=[grid])["results"][0]
 
 
 def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: str | None = None,
                    features: str = "inception", inception_weights: str | None = None, batch_size: int = 256,
                    seed: int = 1, which: str = "", out: str | None = None, progress: bool = True,
                    guidance: dict | None = None, variance: str | None = None,
-                   decode_batch: int | None = None) -> dict:
-    """:func:`run_eval` for every (sampler, steps) pair of ``samplers`` x ``steps`` -- the FID vs
-    NFE tables of sampler papers -- with the checkpoint restored, the feature network loaded and
+                   decode_batch: int | None = None, grids: list | None = None) -> dict:
+    """:func:`run_eval` for every (sampler, steps, grid) of ``samplers`` x ``steps`` x ``grids`` --
+    the FID vs NFE tables of sampler papers -- with the checkpoint restored, the feature network loaded and
     the reference statistics read once. Every pair samples from the same seed, so the initial
-    noise is shared. Each pair writes its own JSON file as :func:`run_eval` does (``out`` only
-    for a single pair); with more than one pair, a Markdown table of them goes to
+    noise is shared. Each setting writes its own JSON file as :func:`run_eval` does (``out`` only
+    for a single one); with more than one, a Markdown table of them goes to
     ``WORKDIR/eval/sweep_<features>_<num>[guidance][_variance].md``. ``None`` in ``samplers`` /
-    ``steps`` means the config's ``sample.sampler`` / ``sample.steps``.
+    ``steps`` / ``grids`` means the config's ``sample.sampler`` / ``sample.steps`` /
+    ``sample.grid`` (else the process's default grid).
 
     Returns ``{"results": [summary, ...], "table": path or None}``."""
     import json
 
     from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe
 
-    samplers, steps = list(samplers) or [None], list(steps) or [None]
-    if out and len(samplers) * len(steps) > 1:
-        raise ValueError("out names one result file; a sweep over several samplers or step counts writes one per pair")
+    samplers, steps, grids = list(samplers) or [None], list(steps) or [None], list(grids or []) or [None]
+    if out and len(samplers) * len(steps) * len(grids) > 1:
+        raise ValueError("out names one result file; a sweep over several samplers, step counts or grids writes one "
+                         "per setting")
+    from jaxdiff.schedules import GRID_KINDS
+
+    for gk in grids:
+        if gk is not None and gk not in GRID_KINDS:
+            raise ValueError(f"unknown grid kind {gk!r}; valid: {', '.join(GRID_KINDS)}")
     extractor = get_extractor(features, inception_weights=inception_weights)  # missing weights: fail first
     config, model, params, step = restore_for_sampling(workdir, which)
-    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps)) for sm in samplers for n in steps]
-    for sampler, n in pairs:
+    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps), gk) for sm in samplers for gk in grids
+             for n in steps]
+    for sampler, n, _ in pairs:
         if n < 1:
             raise ValueError(f"steps must be >= 1, got {n}")
         from jaxdiff import samplers as _samplers
@@ -363,7 +374,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     if variance:  # before any sampling or reference statistics
         from jaxdiff.modeling import learns_variance
 
-        for sampler, _ in pairs:
+        for sampler, _, _ in pairs:
             if sampler != "ddpm":
                 raise ValueError(f"--variance={variance} is an option of the ddpm sampler, not of {sampler!r} "
                                  "(pass --sampler ddpm)")
@@ -384,15 +395,18 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
         options["decode_batch"] = int(decode_batch)
     tag = f"_{variance}" if variance else ""
     results = []
-    for sampler, n in pairs:
+    for sampler, n, gk in pairs:
         t1 = time.time()
-        path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}_{num}{guidance_tag(g)}{tag}.json")
+        gtag = f"_{gk}" if gk else ""
+        path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}{gtag}_{num}{guidance_tag(g)}{tag}.json")
         feats_path = os.path.splitext(path)[0] + "_features.npy" if "features" in reference else None
         result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
-                                num_steps=n, extractor=extractor, batch_size=batch_size,
+                                num_steps=n, extractor=extractor, batch_size=batch_size, grid_kind=gk,
                                 features_path=feats_path, progress=progress, guidance_override=g, **options)
         summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": n,
-                   "nfe": sample_nfe(config, sampler, n, **options), "num_samples": int(num), "seed": int(seed),
+                   "grid": gk or str(config.sample.get("grid", "") or "") or "default",
+                   "nfe": sample_nfe(config, sampler, n, grid_kind=gk, **options), "num_samples": int(num),
+                   "seed": int(seed),
                    "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
         if sampler == "ddpm":
             summary["variance"] = ddpm_variance(config, variance)
@@ -414,7 +428,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
 
 
 def sweep_table(results: list[dict]) -> str:
-    """A Markdown table of eval summaries: one row per (sampler, steps), with the NFE and every
+    """A Markdown table of eval summaries: one row per (sampler, grid, steps), with the NFE and every
     metric the summaries have (FID, IS, KID, precision / recall, class accuracy)."""
     metrics = [k for k in ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy")
                if any(k in r for r in results)]
@@ -424,8 +438,8 @@ def sweep_table(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"Checkpoint step {r0['checkpoint_step']} of `{r0['workdir']}`; {r0['num_samples']} samples per row, "
              f"seed {r0['seed']}, {r0['features']} features against {r0['ref']}; guidance {r0['guidance']}.", "",
-             "| sampler | steps | NFE | " + " | ".join(names[k] for k in metrics) + " | seconds |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+             "| sampler | grid | steps | NFE | " + " | ".join(names[k] for k in metrics) + " | seconds |",
+             "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
     for r in results:
         cells = []
         for k in metrics:
@@ -433,7 +447,7 @@ def sweep_table(results: list[dict]) -> str:
             cells.append("" if v is None else f"{v:.4g}" if k != "inception_score" or "inception_score_std" not in r
                          else f"{v:.4g} +- {r['inception_score_std']:.2g}")
         nfe = "adaptive" if r.get("nfe") is None else str(r["nfe"])
-        lines.append(f"| {r['sampler']} | {r['steps']} | {nfe} | " + " | ".join(cells) + f" | {r['eval_seconds']} |")
+        lines.append(f"| {r['sampler']} | {r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells) + f" | {r['eval_seconds']} |")
     return "\n".join(lines) + "\n"
 
 

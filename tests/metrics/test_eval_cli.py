@@ -135,9 +135,15 @@ def test_eval_cli_sweeps_samplers_and_steps(run):
     sweep = json.loads(proc.stdout)
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in sweep["results"]] == [
         ("ddim", 2, 2), ("ddim", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
-    assert "| heun | 3 | 5 |" in proc.stderr and open(sweep["table"]).read() in proc.stderr
-    with pytest.raises(AssertionError, match="one --sampler and one --steps"):
+    assert "| heun | default | 3 | 5 |" in proc.stderr and open(sweep["table"]).read() in proc.stderr
+    proc = run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--num=4", "--sampler=ddim", "--steps=3",
+                       "--grid=trailing", "--noprogress"], cache_dir=cache)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["grid"] == "trailing" and summary["out"].endswith("ddim_3_trailing.png")
+    with pytest.raises(AssertionError, match="one --sampler, one --steps and one --grid"):
         run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--steps=2,3", "--noprogress"], cache_dir=cache)
+    with pytest.raises(AssertionError, match="unknown grid kind; valid: linspace"):
+        run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--grid=nope", "--noprogress"], cache_dir=cache)
     with pytest.raises(AssertionError, match="expected comma-separated int"):
         run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--features=digits", "--steps=two"],
                    cache_dir=cache)

@@ -119,8 +119,15 @@ def test_eval_sweep_over_samplers_and_steps(run):
     assert single["fid"] == results[3]["fid"] and single["nfe"] == 5
     table = open(sweep["table"]).read().splitlines()
     assert sweep["table"].endswith(os.path.join("eval", "sweep_digits_10.md"))
-    assert table[2].startswith("| sampler | steps | NFE | FD |") and len(table) == 4 + 4
-    assert table[-1].startswith("| heun | 3 | 5 | ")
+    assert table[2].startswith("| sampler | grid | steps | NFE | FD |") and len(table) == 4 + 4
+    assert table[-1].startswith("| heun | default | 3 | 5 | ")
+    # grids: the NFE follows the grid (Karras: EDM's Heun, 2N - 1 as well); file names carry the grid
+    by_grid = run_eval_sweep(str(wd), num=10, samplers=["heun"], steps=[3], grids=["karras", "trailing"],
+                             features="digits", batch_size=10, progress=False)["results"]
+    assert [(r["grid"], r["nfe"]) for r in by_grid] == [("karras", 5), ("trailing", 5)]
+    assert by_grid[0]["out"].endswith("digits_heun_3_karras_10.json") and by_grid[0]["fid"] != by_grid[1]["fid"]
+    with pytest.raises(ValueError, match="unknown grid kind 'nope'"):
+        run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], grids=["nope"], features="digits")
     with pytest.raises(ValueError, match="one result file"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 3], features="digits", out=str(root / "x.json"))
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
