@@ -30,6 +30,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latent-size", type=int, default=32)
     ap.add_argument("--decode-batch", default="0,16,8,4,1", help="comma-separated; 0 = the whole batch")
+    ap.add_argument("--time", action="store_true", help="also run each program (random weights) and time it: "
+                    "median of --repeats calls")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -52,6 +55,7 @@ def main(argv=None):
     info = common.machine_info()
     print(f"SD VAE architecture, {n_params:,} params; batch {args.batch} of {s}x{s} latents; {info['jax_devices']}",
           file=sys.stderr)
+    real = latents = None
     for db in (int(v) for v in args.decode_batch.split(",")):
         def decode(p, z, db=db):
             return decode_in_chunks(lambda c: vae.apply({"params": p}, c / scaling, method=vae.decode), z, db, mesh)
@@ -59,10 +63,17 @@ def main(argv=None):
         t0 = time.perf_counter()
         compiled = compile_options.jit(decode).lower(params, z).compile()
         mem = compiled.memory_analysis()
-        common.emit({"benchmark": "decode_memory", "batch": args.batch, "latent_size": s, "decode_batch": db,
-                     "temp_bytes": int(mem.temp_size_in_bytes), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 3),
-                     "output_bytes": int(mem.output_size_in_bytes), "compile_s": round(time.perf_counter() - t0, 1),
-                     **info}, args.json)
+        row = {"benchmark": "decode_memory", "batch": args.batch, "latent_size": s, "decode_batch": db,
+               "temp_bytes": int(mem.temp_size_in_bytes), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 3),
+               "output_bytes": int(mem.output_size_in_bytes), "compile_s": round(time.perf_counter() - t0, 1)}
+        if args.time:
+            if real is None:
+                real = vae.init(jax.random.key(0), jnp.zeros((1, 8 * s, 8 * s, 3)))["params"]
+                latents = jax.device_put(jax.random.normal(jax.random.key(1), z.shape), z.sharding)
+            t = common.median_time(lambda: compiled(real, latents), repeats=args.repeats)
+            row["seconds"] = round(t["median_s"], 3)
+            row["images_per_s"] = round(args.batch / t["median_s"], 3)
+        common.emit({**row, **info}, args.json)
 
 
 if __name__ == "__main__":
