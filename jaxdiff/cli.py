@@ -37,8 +37,9 @@ flags.DEFINE_string("steps", None, "Number of sampler steps (default: config.sam
                     "list (e.g. 5,10,20,50) sweeps the step counts: one result per sampler and step count, and a "
                     "Markdown table with the NFE of each.")
 flags.DEFINE_integer("num", None, "Number of samples (default: config.sample.num).")
-flags.DEFINE_string("out", None, "Output file: sample PNG (default: WORKDIR/samples/<sampler>_<steps>.png), "
-                    "eval JSON (default: WORKDIR/eval/<features>_<sampler>_<steps>_<num>.json), stats .npz.")
+flags.DEFINE_string("out", None, "Output file: sample PNG (default: WORKDIR/samples/<sampler>_<steps>[_<grid>].png), "
+                    "eval JSON of one setting (default: WORKDIR/eval/<features>_<sampler>_<steps>[_<grid>]_<num>.json; "
+                    "a sweep writes one per setting and a table), stats .npz.")
 flags.DEFINE_integer("seed", 1, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 256, "Sampling batch size.")
 flags.DEFINE_string("params", "", "Which weights to sample with: '' (first EMA copy), 'params', or an EMA name.")
@@ -113,7 +114,7 @@ def _sample() -> None:
         raise app.UsageError("jaxdiff sample takes one --sampler, one --steps and one --grid (sweeps are for jaxdiff "
                              "eval)")
     sampler = (samplers or [config.sample.sampler])[0]
-    steps = (steps_list or [int(config.sample.steps)])[0]
+    steps = (steps_list or [0])[0] or int(config.sample.steps)  # 0: the config's, as before
     num = FLAGS.num or int(config.sample.num)
     options = {}
     if FLAGS.variance:
@@ -128,9 +129,12 @@ def _sample() -> None:
         if grids[0] not in GRID_KINDS:
             raise app.UsageError(f"--grid={grids[0]!r}: unknown grid kind; valid: {', '.join(GRID_KINDS)}")
         options["grid_kind"] = grids[0]
-    images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
-                      num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
-                      guidance_override=_guidance_flags(), **options)
+    try:
+        images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
+                          num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
+                          guidance_override=_guidance_flags(), **options)
+    except ValueError as e:  # a sampler, grid or step count that does not fit the model: the message says what
+        raise app.UsageError(str(e)) from None
     tag = (f"_{grids[0]}" if grids else "") + (f"_{FLAGS.variance}" if FLAGS.variance else "")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}_{steps}{tag}.png")
     save_samples(images, out, nrow=int(config.sample.get("nrow", 0)) or None)
@@ -192,9 +196,11 @@ def _eval() -> None:
     if sweep["table"] is None:
         print(json.dumps(sweep["results"][0], indent=2))
         return
-    with open(sweep["table"]) as f:
-        print(f.read(), file=sys.stderr)
-    print(json.dumps(sweep, indent=2))
+    import jax
+
+    if jax.process_index() == 0:
+        print(sweep["table_text"], file=sys.stderr)
+    print(json.dumps({"results": sweep["results"], "table": sweep["table"]}, indent=2))
 
 
 def _stats() -> None:

@@ -343,28 +343,36 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     the reference statistics read once. Every pair samples from the same seed, so the initial
     noise is shared. Each setting writes its own JSON file as :func:`run_eval` does (``out`` only
     for a single one); with more than one, a Markdown table of them goes to
-    ``WORKDIR/eval/sweep_<features>_<num>[guidance][_variance].md``. ``None`` in ``samplers`` /
-    ``steps`` / ``grids`` means the config's ``sample.sampler`` / ``sample.steps`` /
-    ``sample.grid`` (else the process's default grid).
+    ``WORKDIR/eval/sweep_<features>_<num>_<samplers>_<steps>[_<grids>][guidance][_variance].md``.
+    ``None`` (or 0 steps) in ``samplers`` / ``steps`` / ``grids`` means the config's
+    ``sample.sampler`` / ``sample.steps`` / ``sample.grid`` (else the process's default grid,
+    :func:`jaxdiff.schedules.default_grid_kind`); each result records the grid kind it ran on.
+    Every setting's grid is built (and its NFE counted) before any sampling, so a setting that
+    does not fit the model fails at once. ``eval_seconds``: sampling and scoring of that setting;
+    ``setup_seconds``: restoring the checkpoint, loading the feature network and the reference,
+    counting the NFEs.
 
-    Returns ``{"results": [summary, ...], "table": path or None}``."""
+    Returns ``{"results": [summary, ...], "table": path or None, "table_text": str or None}``."""
     import json
 
     from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe
 
+    t0 = time.time()
     samplers, steps, grids = list(samplers) or [None], list(steps) or [None], list(grids or []) or [None]
     if out and len(samplers) * len(steps) * len(grids) > 1:
         raise ValueError("out names one result file; a sweep over several samplers, step counts or grids writes one "
                          "per setting")
-    from jaxdiff.schedules import GRID_KINDS
+    from jaxdiff.modeling import build_process
+    from jaxdiff.schedules import GRID_KINDS, default_grid_kind
 
     for gk in grids:
         if gk is not None and gk not in GRID_KINDS:
             raise ValueError(f"unknown grid kind {gk!r}; valid: {', '.join(GRID_KINDS)}")
     extractor = get_extractor(features, inception_weights=inception_weights)  # missing weights: fail first
     config, model, params, step = restore_for_sampling(workdir, which)
-    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps), gk) for sm in samplers for gk in grids
-             for n in steps]
+    config_grid = str(config.sample.get("grid", "") or "") or None
+    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps), gk or config_grid)
+             for sm in samplers for gk in grids for n in steps]
     for sampler, n, _ in pairs:
         if n < 1:
             raise ValueError(f"steps must be >= 1, got {n}")
@@ -380,6 +388,15 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                                  "(pass --sampler ddpm)")
         if variance == "learned_range" and not learns_variance(config):
             raise ValueError("--variance=learned_range needs a model trained with diffusion.variance='learned_range'")
+    g = guidance_settings(config, guidance)
+    options = {"variance": variance} if variance else {}
+    if decode_batch is not None:
+        options["decode_batch"] = int(decode_batch)
+    tag = f"_{variance}" if variance else ""
+    # every setting's grid built (make_grid's errors: a grid kind the process has not, too many
+    # steps) and its NFE counted before any sampling
+    process = build_process(config)
+    nfes = [sample_nfe(config, sampler, n, grid_kind=gk, **options) for sampler, n, gk in pairs]
     if ref:
         reference = M.load_stats(ref)
     elif features == "digits":
@@ -389,28 +406,24 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
         ref = f"{config.data.name} train split"
     else:
         raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
-    g = guidance_settings(config, guidance)
-    options = {"variance": variance} if variance else {}
-    if decode_batch is not None:
-        options["decode_batch"] = int(decode_batch)
-    tag = f"_{variance}" if variance else ""
+    setup_seconds = round(time.time() - t0, 1)
     results = []
-    for sampler, n, gk in pairs:
+    for (sampler, n, gk), nfe in zip(pairs, nfes):
         t1 = time.time()
-        gtag = f"_{gk}" if gk else ""
+        gtag = f"_{gk}" if gk and gk != config_grid else ""  # as before: no tag for the config's own grid
         path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}{gtag}_{num}{guidance_tag(g)}{tag}.json")
         feats_path = os.path.splitext(path)[0] + "_features.npy" if "features" in reference else None
         result = evaluate_model(config, model, params, int(num), jax.random.PRNGKey(seed), sampler=sampler,
                                 num_steps=n, extractor=extractor, batch_size=batch_size, grid_kind=gk,
                                 features_path=feats_path, progress=progress, guidance_override=g, **options)
         summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": n,
-                   "grid": gk or str(config.sample.get("grid", "") or "") or "default",
-                   "nfe": sample_nfe(config, sampler, n, grid_kind=gk, **options), "num_samples": int(num),
+                   "grid": gk or default_grid_kind(process, n), "nfe": nfe, "num_samples": int(num),
                    "seed": int(seed),
                    "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
         if sampler == "ddpm":
             summary["variance"] = ddpm_variance(config, variance)
-        summary["eval_seconds"] = round(time.time() - t1, 1)  # sampling and scoring this pair
+        summary["eval_seconds"] = round(time.time() - t1, 1)  # sampling and scoring this setting
+        summary["setup_seconds"] = setup_seconds
         summary = _json_ready(summary)
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -418,13 +431,20 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                 json.dump(summary, f, indent=2)
         summary["out"] = path
         results.append(summary)
-    table = None
+    table = text = None
     if len(pairs) > 1:
-        table = os.path.join(workdir, "eval", f"sweep_{features}_{num}{guidance_tag(g)}{tag}.md")
+        def part(values):
+            return "-".join(dict.fromkeys(str(v) for v in values))
+
+        name = f"sweep_{features}_{num}_{part(p[0] for p in pairs)}_{part(p[1] for p in pairs)}"
+        if any(gk for gk in grids):
+            name += f"_{part(r['grid'] for r in results)}"
+        table = os.path.join(workdir, "eval", f"{name}{guidance_tag(g)}{tag}.md")
+        text = sweep_table(results)
         if jax.process_index() == 0:
             with open(table, "w") as f:
-                f.write(sweep_table(results))
-    return {"results": results, "table": table}
+                f.write(text)
+    return {"results": results, "table": table, "table_text": text}
 
 
 def sweep_table(results: list[dict]) -> str:

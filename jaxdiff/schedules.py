@@ -36,6 +36,7 @@ __all__ = [
     "Grid",
     "TIMESTEP_SPACINGS",
     "discrete_timesteps",
+    "default_grid_kind",
     "karras_sigmas",
     "logsnr_uniform_times",
     "uniform_times",
@@ -248,6 +249,17 @@ def _is_vp(process: Process) -> bool:
 GRID_KINDS = ("linspace", "leading", "trailing", "karras", "uniform", "logsnr", "beta", "beta_sigmas")
 
 
+def default_grid_kind(process: Process, num_steps: int) -> str:
+    """The grid kind :func:`make_grid` uses when none is given: ``linspace`` for a discrete process
+    (diffusers' default), ``trailing`` for one step of it, ``karras`` for a process with a sigma
+    range (EDM, VE), else ``uniform``."""
+    # one step of linspace is [0], a start at the least noisy training step (sigma ~ 0.01 for
+    # DDPM's betas), so one step starts at t_max
+    if process.discrete:
+        return "trailing" if int(num_steps) == 1 else "linspace"
+    return "karras" if _has_sigma_range(process) else "uniform"
+
+
 def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho: float = 7.0,
               sigma_min: float | None = None, sigma_max: float | None = None,
               beta_a: float = 0.6, beta_b: float = 0.6) -> Grid:
@@ -271,11 +283,7 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
     from alpha = 0 except those that call :func:`require_alpha_start_positive` (``pndm``, ``plms``,
     ``reverse_sde_pc``), which raise a ValueError saying so.
     """
-    if kind is None:
-        # discrete: diffusers' default linspace; but for one step linspace is [0], a start at the
-        # least noisy training step (sigma ~ 0.01 for DDPM's betas), so one step starts at t_max
-        kind = (("trailing" if int(num_steps) == 1 else "linspace") if process.discrete
-                else ("karras" if _has_sigma_range(process) else "uniform"))
+    kind = kind or default_grid_kind(process, num_steps)
     if kind in TIMESTEP_SPACINGS:
         if not process.discrete:
             raise ValueError(f"grid kind {kind!r} needs a discrete process, got {type(process).__name__}")

@@ -100,11 +100,11 @@ def test_chunked_decoding_equals_whole_batch_and_needs_less_memory(tmp_path):
 
 
 _FOUR_DEVICE_CHUNKS = r"""
+import itertools
 import jax, jax.numpy as jnp, numpy as np
 from jaxdiff import parallel
 from jaxdiff.generate import decode_in_chunks
 assert jax.device_count() == 4
-mesh = parallel.make_mesh()
 w = jax.random.normal(jax.random.key(1), (6, 10))
 seen = []
 def decode(z):  # row-wise and nonlinear; records the batch each call sees
@@ -112,12 +112,13 @@ def decode(z):  # row-wise and nonlinear; records the batch each call sees
     return jnp.tanh(z @ w)[:, None, :] * jnp.arange(3.0)[:, None]
 # (batch, decode_batch per device, rows per decoder call): 3 rows per device in chunks of 1; 2 + 1 padded
 # to 2 + 2; 4 per device in 2 + 2; at least all of a device's rows: one call
-for n, decode_batch, rows in ((12, 1, 4), (12, 2, 8), (16, 3, 8), (16, 2, 8), (12, 3, 12), (12, 0, 12), (12, 99, 12)):
+cases = ((12, 1, 4), (12, 2, 8), (16, 3, 8), (16, 2, 8), (12, 3, 12), (12, 0, 12), (12, 99, 12))
+for (n, decode_batch, rows), mesh in itertools.product(cases, (parallel.make_mesh(), parallel.make_mesh(2, 2))):
     x = jax.device_put(jax.random.normal(jax.random.key(n + decode_batch), (n, 6)), parallel.batch_sharding(mesh))
     seen.clear()
     fn = jax.jit(lambda x: decode_in_chunks(decode, x, decode_batch, mesh), out_shardings=parallel.batch_sharding(mesh))
     got = fn(x)
-    assert seen == [rows], (n, decode_batch, seen)
+    assert seen == [rows], (n, decode_batch, mesh.shape, seen)
     np.testing.assert_allclose(np.asarray(got), np.asarray(decode(x)), rtol=1e-6, atol=1e-6)
     hlo = fn.lower(x).compile().as_text()
     for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"):

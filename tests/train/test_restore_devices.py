@@ -118,9 +118,10 @@ def test_eval_sweep_over_samplers_and_steps(run):
                       out=str(root / "heun3.json"))
     assert single["fid"] == results[3]["fid"] and single["nfe"] == 5
     table = open(sweep["table"]).read().splitlines()
-    assert sweep["table"].endswith(os.path.join("eval", "sweep_digits_10.md"))
+    assert sweep["table"].endswith(os.path.join("eval", "sweep_digits_10_ddim-heun_2-3.md"))
     assert table[2].startswith("| sampler | grid | steps | NFE | FD |") and len(table) == 4 + 4
-    assert table[-1].startswith("| heun | default | 3 | 5 | ")
+    assert table[-1].startswith("| heun | linspace | 3 | 5 | ")  # the grid the config's process defaults to
+    assert sweep["table_text"].splitlines() == table
     # grids: the NFE follows the grid (Karras: EDM's Heun, 2N - 1 as well); file names carry the grid
     by_grid = run_eval_sweep(str(wd), num=10, samplers=["heun"], steps=[3], grids=["karras", "trailing"],
                              features="digits", batch_size=10, progress=False)["results"]
@@ -128,6 +129,11 @@ def test_eval_sweep_over_samplers_and_steps(run):
     assert by_grid[0]["out"].endswith("digits_heun_3_karras_10.json") and by_grid[0]["fid"] != by_grid[1]["fid"]
     with pytest.raises(ValueError, match="unknown grid kind 'nope'"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], grids=["nope"], features="digits")
+    # a setting that does not fit (1,001 steps of a 1,000-step chain) fails before any sampling
+    before = sorted(os.listdir(wd / "eval"))
+    with pytest.raises(ValueError, match="num_steps"):
+        run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 1001], features="digits")
+    assert sorted(os.listdir(wd / "eval")) == before
     with pytest.raises(ValueError, match="one result file"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 3], features="digits", out=str(root / "x.json"))
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
