@@ -34,7 +34,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from jaxdiff.eval import restore_for_sampling, run_eval_sweep  # noqa: E402
+from jaxdiff.eval import restore_for_sampling, run_eval, run_eval_sweep  # noqa: E402
 from jaxdiff.generate import generate  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main(argv=None):
                            progress=False)["results"]
 
     config, model, params, step = restore_for_sampling(workdir)
-    key = jax.random.PRNGKey(1)  # the eval's seed: the same initial noise
+    key = jax.random.PRNGKey(1)  # one key for every setting (batches of --ode-num: not the eval's noise)
 
     def draw(sampler, n, grid):
         return generate(config, model, params, args.ode_num, key, sampler=sampler, num_steps=n,
@@ -70,6 +70,9 @@ def main(argv=None):
 
     ref = draw("heun", 300, "logsnr")
     ref_gap = float(np.sqrt(np.mean((draw("heun", 200, "linspace") - ref) ** 2)))
+    # the FD of the ODE solution itself (the reference solver on --num samples, the eval's seed)
+    scored = run_eval(workdir, num=args.num, sampler="heun", steps=300, grid="logsnr", features="digits",
+                      progress=False, out=os.path.join(args.out, "ode_reference_eval.json"))
     for r in sweep:
         r["ode_error"] = float(np.sqrt(np.mean((draw(r["sampler"], r["steps"], r["grid"]) - ref) ** 2)))
         print(f"{r['sampler']:10s} {r['grid']:9s} {r['steps']:3d} NFE {r['nfe']:3d} FD {r['fid']:8.3f} "
@@ -78,6 +81,8 @@ def main(argv=None):
     info = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.processor() or
             platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__, "workdir": os.path.abspath(workdir),
             "checkpoint_step": step, "num": args.num, "ode_num": args.ode_num, "ref_gap": ref_gap,
+            "ode_reference_fd": scored["fid"], "ode_reference_accuracy": scored["class_accuracy"],
+            "ode_reference_nfe": scored["nfe"],
             "seconds": round(elapsed, 1)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -102,6 +107,8 @@ def write_markdown(path, rows, info, samplers_, grids, steps):
              "default digits run. Each cell: digits FD of "
              f"{info['num']} samples (same seed everywhere) / RMS error against the probability-flow ODE's solution "
              f"from the same noise ({info['ode_num']} samples; references differ by {info['ref_gap']:.1e}). "
+             f"The reference solver itself (Heun, 300 `logsnr` steps, NFE {info['ode_reference_nfe']}) scores FD "
+             f"{info['ode_reference_fd']:.2f}, class accuracy {info['ode_reference_accuracy']:.3f}. "
              "NFE = denoiser evaluations per sample (`samplers.count_nfe`).", ""]
     for grid in grids:
         lines += [f"**grid `{grid}`**", "", "| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |",
