@@ -135,7 +135,7 @@ def test_eval_cli_sweeps_samplers_and_steps(run):
     sweep = json.loads(proc.stdout)
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in sweep["results"]] == [
         ("ddim", 2, 2), ("ddim", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
-    assert "| heun | default | 3 | 5 |" in proc.stderr and open(sweep["table"]).read() in proc.stderr
+    assert "| heun | linspace | 3 | 5 |" in proc.stderr and open(sweep["table"]).read() in proc.stderr
     proc = run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--num=4", "--sampler=ddim", "--steps=3",
                        "--grid=trailing", "--noprogress"], cache_dir=cache)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
