@@ -55,8 +55,8 @@ flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin 
 flags.DEFINE_string("grid", None, "sample/eval: time grid kind (jaxdiff.schedules.GRID_KINDS: linspace, leading, "
                     "trailing, karras, uniform, logsnr, beta, beta_sigmas; default: config.sample.grid, else the "
                     "process's default). eval: a comma-separated list sweeps the grids.")
-flags.DEFINE_integer("decode_batch", None, "sample/eval of a latent model: each device decodes at most this many latents "
-                     "at a time (default: config.sample.decode_batch; 0 = its whole share of the batch at once).")
+flags.DEFINE_integer("decode_batch", None, "sample/eval of a latent model: each device decodes at most this many "
+                     "latents at a time (default: config.sample.decode_batch; 0 = its whole share of the batch at once).")
 # eval / stats (issue 5)
 flags.DEFINE_integer("num_samples", 50000, "eval: number of samples to score (also --num-samples).")
 flags.DEFINE_string("ref", None, "eval: reference statistics .npz (mu, sigma[, features]) from `jaxdiff stats` / pytorch-fid / ADM.")

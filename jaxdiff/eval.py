@@ -37,7 +37,8 @@ from jaxdiff import compile_options, parallel
 from jaxdiff.metrics import fid as M
 
 __all__ = ["FeatureExtractor", "get_extractor", "EXTRACTORS", "evaluate_model", "dataset_statistics",
-           "compare_to_reference", "guidance_tag", "restore_for_sampling", "run_eval", "run_eval_sweep", "sweep_table", "run_stats"]
+           "compare_to_reference", "guidance_tag", "restore_for_sampling", "run_eval", "run_eval_sweep", "sweep_table",
+           "run_stats"]
 
 EXTRACTORS = ("inception", "digits")
 
@@ -373,12 +374,12 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     config_grid = str(config.sample.get("grid", "") or "") or None
     pairs = [(sm or config.sample.sampler, int(n or config.sample.steps), gk or config_grid)
              for sm in samplers for gk in grids for n in steps]
+    from jaxdiff.samplers import get as get_sampler
+
     for sampler, n, _ in pairs:
         if n < 1:
             raise ValueError(f"steps must be >= 1, got {n}")
-        from jaxdiff import samplers as _samplers
-
-        _samplers.get(sampler)  # an unknown name lists the valid ones, before any sampling
+        get_sampler(sampler)  # an unknown name lists the valid ones, before any sampling
     if variance:  # before any sampling or reference statistics
         from jaxdiff.modeling import learns_variance
 
@@ -467,7 +468,8 @@ def sweep_table(results: list[dict]) -> str:
             cells.append("" if v is None else f"{v:.4g}" if k != "inception_score" or "inception_score_std" not in r
                          else f"{v:.4g} +- {r['inception_score_std']:.2g}")
         nfe = "adaptive" if r.get("nfe") is None else str(r["nfe"])
-        lines.append(f"| {r['sampler']} | {r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells) + f" | {r['eval_seconds']} |")
+        lines.append(f"| {r['sampler']} | {r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells)
+                     + f" | {r['eval_seconds']} |")
     return "\n".join(lines) + "\n"
 
 

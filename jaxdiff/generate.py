@@ -21,7 +21,8 @@ from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, d
                               num_classes)
 from jaxdiff.schedules import make_grid
 
-__all__ = ["make_sample_fn", "sample_nfe", "decode_in_chunks", "generate", "class_labels", "guidance_settings", "ddpm_variance"]
+__all__ = ["make_sample_fn", "sample_nfe", "decode_in_chunks", "generate", "class_labels", "guidance_settings",
+           "ddpm_variance"]
 
 
 def guidance_settings(config, override: dict | None = None) -> dict:

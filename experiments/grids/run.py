@@ -114,9 +114,9 @@ def write_markdown(path, rows, info, samplers_, grids, steps):
         lines += [f"**grid `{grid}`**", "", "| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for s in samplers_:
-            lines.append(f"| {s} | " + " | ".join(
-                f"{cell[(s, grid, n)]['fid']:.2f} / {cell[(s, grid, n)]['ode_error']:.4f} (NFE {cell[(s, grid, n)]['nfe']})"
-                for n in steps) + " |")
+            rows_ = [cell[(s, grid, n)] for n in steps]
+            lines.append(f"| {s} | " + " | ".join(f"{r['fid']:.2f} / {r['ode_error']:.4f} (NFE {r['nfe']})"
+                                                   for r in rows_) + " |")
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
