@@ -167,8 +167,15 @@ def evaluate_model(config, model, params, num: int, key, *, sampler: str, num_st
     Batch ``b`` uses ``fold_in(key, b)`` and labels ``0, 1, ..., C-1, 0, ...`` (class-conditional
     models), exactly as :func:`jaxdiff.generate.generate` does, so the samples are the ones
     ``generate`` returns. ``features_path``: also write all features to that ``.npy`` (memory-mapped).
+    For an adaptive sampler (:data:`jaxdiff.samplers.nfe.ADAPTIVE`) the result also holds ``nfe``,
+    the mean over the batches of the model calls each took.
     """
     from jaxdiff.generate import class_labels, make_sample_fn
+    from jaxdiff.samplers.nfe import ADAPTIVE
+
+    adaptive = sampler in ADAPTIVE
+    if adaptive:
+        options = dict(options, return_nfe=True)
 
     mesh = mesh or parallel.make_mesh()
     batch = int(math.ceil(min(int(batch_size), num) / mesh.size) * mesh.size)
@@ -181,16 +188,24 @@ def evaluate_model(config, model, params, num: int, key, *, sampler: str, num_st
     streams = _Streams(num, extractor.dim, splits=splits, features_path=features_path,
                        labels=np.asarray(labels) if labels is not None and extractor.logits_are_labels else None)
     n_batches = int(math.ceil(num / batch))
+    nfes = []
     for b in tqdm(range(n_batches), desc=f"eval ({sampler}, {num_steps} steps, {extractor.name})",
                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
         y = None
         if labels is not None:
             y = jnp.asarray(np.resize(np.asarray(labels[b * batch:(b + 1) * batch], np.int32), batch))
-        out = extract(sample(params, jax.random.fold_in(key, b), y))
+        images = sample(params, jax.random.fold_in(key, b), y)
+        if adaptive:
+            images, nfe = images
+            nfes.append(int(nfe))
+        out = extract(images)
         keep = min(batch, num - b * batch)
         streams.update(parallel.gather_to_host(out["features"])[:keep],
                        parallel.gather_to_host(out["logits"])[:keep])
-    return streams.result()
+    result = streams.result()
+    if adaptive:
+        result["nfe"] = float(np.mean(nfes))
+    return result
 
 
 def dataset_statistics(source, extractor: FeatureExtractor, *, batch_size: int = 256, splits: int = 10,
@@ -326,7 +341,8 @@ def run_eval(workdir: str, *, num: int, sampler: str | None = None, steps: int |
     (the config's ``train`` split). KID and precision / recall are computed when ``ref`` holds
     ``features`` (``jaxdiff stats --save_features``); the samples' features then go to a
     memory-mapped ``.npy`` next to the JSON file. The result records ``nfe``, the denoiser
-    evaluations per sample (:func:`jaxdiff.generate.sample_nfe`; None for an adaptive sampler).
+    evaluations per sample (:func:`jaxdiff.generate.sample_nfe`; for an adaptive sampler the mean
+    over the batches of the model calls each took).
     """
     return run_eval_sweep(workdir, num=num, samplers=[sampler], steps=[steps], ref=ref, features=features,
                           inception_weights=inception_weights, batch_size=batch_size, seed=seed, which=which,
@@ -418,7 +434,8 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                                 num_steps=n, extractor=extractor, batch_size=batch_size, grid_kind=gk,
                                 features_path=feats_path, progress=progress, guidance_override=g, **options)
         summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": n,
-                   "grid": gk or default_grid_kind(process, n), "nfe": nfe, "num_samples": int(num),
+                   "grid": gk or default_grid_kind(process, n), "nfe": result.get("nfe", nfe),  # adaptive: measured
+                   "num_samples": int(num),
                    "seed": int(seed),
                    "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
         if sampler == "ddpm":
@@ -467,7 +484,7 @@ def sweep_table(results: list[dict]) -> str:
             v = r.get(k)
             cells.append("" if v is None else f"{v:.4g}" if k != "inception_score" or "inception_score_std" not in r
                          else f"{v:.4g} +- {r['inception_score_std']:.2g}")
-        nfe = "adaptive" if r.get("nfe") is None else str(r["nfe"])
+        nfe = "" if r.get("nfe") is None else f"{r['nfe']:g}"
         lines.append(f"| {r['sampler']} | {r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells)
                      + f" | {r['eval_seconds']} |")
     return "\n".join(lines) + "\n"

@@ -65,7 +65,8 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     0 = the whole batch at once) bounds how many latents each device decodes at a time: the batch
     is decoded in a ``lax.map`` over equal chunks, each device decoding its own latents, so the
     decoder's activation memory follows ``decode_batch`` rather than the sampling batch (see
-    :func:`decode_in_chunks`)."""
+    :func:`decode_in_chunks`). ``return_nfe=True`` (adaptive samplers, e.g. ``pf_ode_adaptive``)
+    makes the function return ``(images, nfe)``, the model calls the batch took."""
     fn = samplers.get(sampler)
     process = build_process(config)
     sc = config.get("sample") or {}
@@ -105,13 +106,19 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
         else:
             d = denoiser(config, model, params, y, with_variance=with_variance)
         x = fn(d, x, grid, key=k_sampler, **options)
+        nfe = None
+        if options.get("return_nfe"):  # an adaptive sampler's (x, model calls of this batch)
+            x, nfe = x
         if vae is not None:  # latent diffusion: decode latents / scaling_factor to images
             x = decode_in_chunks(
                 lambda z: vae.model.apply({"params": vae_params}, z / vae.scaling_factor, method=vae.model.decode),
                 x, int(decode_batch), mesh)
-        return x
+        return x if nfe is None else (x, nfe)
 
-    jitted = compile_options.jit(sample, out_shardings=out_sharding)
+    if options.get("return_nfe"):
+        jitted = compile_options.jit(sample, out_shardings=(out_sharding, parallel.replicated(mesh)))
+    else:
+        jitted = compile_options.jit(sample, out_shardings=out_sharding)
     if vae is None:
         return jitted
     return _WithVAEParams(jitted, _on_mesh(vae.params, mesh))

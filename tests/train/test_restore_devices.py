@@ -127,6 +127,11 @@ def test_eval_sweep_over_samplers_and_steps(run):
                              features="digits", batch_size=10, progress=False)["results"]
     assert [(r["grid"], r["nfe"]) for r in by_grid] == [("karras", 5), ("trailing", 5)]
     assert by_grid[0]["out"].endswith("digits_heun_3_karras_10.json") and by_grid[0]["fid"] != by_grid[1]["fid"]
+    # an adaptive sampler: the NFE its runs took (Dormand-Prince: 2 to start, 6 per attempted step, 1 into the
+    # clean point), as a float mean over the batches
+    adaptive = run_eval(str(wd), num=10, sampler="pf_ode_adaptive", steps=2, features="digits", batch_size=10,
+                        progress=False)
+    assert adaptive["nfe"] >= 9 and (adaptive["nfe"] - 3) % 6 == 0
     with pytest.raises(ValueError, match="unknown grid kind 'nope'"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], grids=["nope"], features="digits")
     # a setting that does not fit (1,001 steps of a 1,000-step chain) fails before any sampling
