@@ -44,8 +44,9 @@ flags.DEFINE_integer("seed", 1, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 256, "Sampling batch size.")
 flags.DEFINE_string("params", "", "Which weights to sample with: '' (first EMA copy), 'params', or an EMA name.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: "
-                   "config.sample.guidance_scale; 1 = conditional model, 0 = unconditional).")
+flags.DEFINE_string("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: "
+                    "config.sample.guidance_scale; 1 = conditional model, 0 = unconditional). eval: a "
+                    "comma-separated list (e.g. 1,1.5,3) sweeps the scales.")
 flags.DEFINE_string("guidance_interval", None, "sample/eval: 'lo,hi': guide only where sigma/alpha is in (lo, hi] "
                     "(Kynkaanniemi et al. 2024); '' = every step.")
 flags.DEFINE_enum("variance", None, ["fixed_small", "fixed_large", "learned_range"],
@@ -160,11 +161,17 @@ def _list_flag(name: str, kind) -> list:
         raise app.UsageError(f"--{name}={value!r}: expected comma-separated {kind.__name__} values") from None
 
 
-def _guidance_flags() -> dict:
-    """The --guidance_* flags that were given, as a guidance_settings override."""
+def _guidance_flags(scale: float | None = None) -> dict:
+    """The --guidance_* flags that were given, as a guidance_settings override; ``scale``: one of
+    the --guidance_scale values (default: the flag's single value)."""
     g = {}
-    if FLAGS.guidance_scale is not None:
-        g["scale"] = float(FLAGS.guidance_scale)
+    if scale is None:
+        scales = _list_flag("guidance_scale", float)
+        if len(scales) > 1:
+            raise app.UsageError("jaxdiff sample takes one --guidance_scale (sweeps are for jaxdiff eval)")
+        scale = scales[0] if scales else None
+    if scale is not None:
+        g["scale"] = float(scale)
     if FLAGS.guidance_interval is not None:
         parts = [p for p in FLAGS.guidance_interval.replace("(", "").replace(")", "").split(",") if p.strip()]
         if len(parts) not in (0, 2):
@@ -189,7 +196,8 @@ def _eval() -> None:
         sweep = run_eval_sweep(FLAGS.workdir, num=FLAGS.num_samples, samplers=samplers, steps=steps,
                                ref=FLAGS.ref, features=FLAGS.features, inception_weights=FLAGS.inception_weights,
                                batch_size=FLAGS.batch_size, seed=FLAGS.seed, which=FLAGS.params, out=FLAGS.out,
-                               progress=FLAGS.progress, guidance=_guidance_flags(), variance=FLAGS.variance,
+                               progress=FLAGS.progress, variance=FLAGS.variance,
+                               guidances=[_guidance_flags(s) for s in _list_flag("guidance_scale", float) or [None]],
                                decode_batch=FLAGS.decode_batch, grids=grids)
     except (FileNotFoundError, ValueError) as e:  # missing weights / reference / workdir, a flag that does not
         raise app.UsageError(str(e)) from None  # fit the model or sampler: the message says what to do

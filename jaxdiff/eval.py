@@ -354,9 +354,11 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                    features: str = "inception", inception_weights: str | None = None, batch_size: int = 256,
                    seed: int = 1, which: str = "", out: str | None = None, progress: bool = True,
                    guidance: dict | None = None, variance: str | None = None,
-                   decode_batch: int | None = None, grids: list | None = None) -> dict:
-    """:func:`run_eval` for every (sampler, steps, grid) of ``samplers`` x ``steps`` x ``grids`` --
-    the FID vs NFE tables of sampler papers -- with the checkpoint restored, the feature network loaded and
+                   decode_batch: int | None = None, grids: list | None = None, guidances: list | None = None) -> dict:
+    """:func:`run_eval` for every (sampler, guidance, grid, steps) of ``samplers`` x ``guidances``
+    x ``grids`` x ``steps`` -- the FID vs NFE tables of sampler papers, the FID vs guidance scale
+    curves of guided models (``guidances``: a list of ``guidance`` overrides, e.g.
+    ``[{"scale": s} for s in (1, 1.5, 3)]``; default ``[guidance]``) -- with the checkpoint restored, the feature network loaded and
     the reference statistics read once. Every pair samples from the same seed, so the initial
     noise is shared. Each setting writes its own JSON file as :func:`run_eval` does (``out`` only
     for a single one); with more than one, a Markdown table of them goes to
@@ -373,12 +375,14 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     import json
 
     from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe
+    from jaxdiff.modeling import num_classes
 
     t0 = time.time()
     samplers, steps, grids = list(samplers) or [None], list(steps) or [None], list(grids or []) or [None]
-    if out and len(samplers) * len(steps) * len(grids) > 1:
-        raise ValueError("out names one result file; a sweep over several samplers, step counts or grids writes one "
-                         "per setting")
+    guidances = list(guidances or []) or [guidance]
+    if out and len(samplers) * len(steps) * len(grids) * len(guidances) > 1:
+        raise ValueError("out names one result file; a sweep over several samplers, step counts, grids or guidance "
+                         "settings writes one per setting")
     from jaxdiff.modeling import build_process
     from jaxdiff.schedules import GRID_KINDS, default_grid_kind
 
@@ -388,8 +392,13 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     extractor = get_extractor(features, inception_weights=inception_weights)  # missing weights: fail first
     config, model, params, step = restore_for_sampling(workdir, which)
     config_grid = str(config.sample.get("grid", "") or "") or None
-    pairs = [(sm or config.sample.sampler, int(n or config.sample.steps), gk or config_grid)
-             for sm in samplers for gk in grids for n in steps]
+    gs = [guidance_settings(config, gd) for gd in guidances]
+    if any(g["scale"] != 1.0 for g in gs) and num_classes(config) == 0:
+        raise ValueError("a guidance scale other than 1 needs a class-conditional model (model.num_classes > 0 "
+                         "trained with diffusion.class_dropout > 0); this one is unconditional")
+    settings = [(sm or config.sample.sampler, int(n or config.sample.steps), gk or config_grid, g)
+                for sm in samplers for g in gs for gk in grids for n in steps]
+    pairs = [s[:3] for s in settings]
     from jaxdiff.samplers import get as get_sampler
 
     for sampler, n, _ in pairs:
@@ -405,7 +414,6 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                                  "(pass --sampler ddpm)")
         if variance == "learned_range" and not learns_variance(config):
             raise ValueError("--variance=learned_range needs a model trained with diffusion.variance='learned_range'")
-    g = guidance_settings(config, guidance)
     options = {"variance": variance} if variance else {}
     if decode_batch is not None:
         options["decode_batch"] = int(decode_batch)
@@ -425,7 +433,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
         raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
     setup_seconds = round(time.time() - t0, 1)
     results = []
-    for (sampler, n, gk), nfe in zip(pairs, nfes):
+    for (sampler, n, gk, g), nfe in zip(settings, nfes):
         t1 = time.time()
         gtag = f"_{gk}" if gk and gk != config_grid else ""  # as before: no tag for the config's own grid
         path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}{gtag}_{num}{guidance_tag(g)}{tag}.json")
@@ -457,7 +465,11 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
         name = f"sweep_{features}_{num}_{part(p[0] for p in pairs)}_{part(p[1] for p in pairs)}"
         if any(gk for gk in grids):
             name += f"_{part(r['grid'] for r in results)}"
-        table = os.path.join(workdir, "eval", f"{name}{guidance_tag(g)}{tag}.md")
+        if len(gs) == 1:
+            name += guidance_tag(gs[0])
+        else:
+            name += "_guidance" + part(guidance_tag(g) or "_cfg1" for g in gs).replace("_cfg", "")
+        table = os.path.join(workdir, "eval", f"{name}{tag}.md")
         text = sweep_table(results)
         if jax.process_index() == 0:
             with open(table, "w") as f:
@@ -466,18 +478,22 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
 
 
 def sweep_table(results: list[dict]) -> str:
-    """A Markdown table of eval summaries: one row per (sampler, grid, steps), with the NFE and every
-    metric the summaries have (FID, IS, KID, precision / recall, class accuracy)."""
+    """A Markdown table of eval summaries: one row per (sampler, guidance, grid, steps), with the NFE
+    and every metric the summaries have (FID, IS, KID, precision / recall, class accuracy); a
+    guidance column when the rows' guidance settings differ."""
     metrics = [k for k in ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy")
                if any(k in r for r in results)]
     names = {"fid": "FID" if results and results[0].get("features") == "inception" else "FD",
              "inception_score": "IS", "kid": "KID", "precision": "precision", "recall": "recall",
              "class_accuracy": "class accuracy"}
     r0 = results[0]
+    several = len({repr(sorted(r["guidance"].items())) for r in results}) > 1
     lines = [f"Checkpoint step {r0['checkpoint_step']} of `{r0['workdir']}`; {r0['num_samples']} samples per row, "
-             f"seed {r0['seed']}, {r0['features']} features against {r0['ref']}; guidance {r0['guidance']}.", "",
-             "| sampler | grid | steps | NFE | " + " | ".join(names[k] for k in metrics) + " | seconds |",
-             "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
+             f"seed {r0['seed']}, {r0['features']} features against {r0['ref']}"
+             + ("." if several else f"; guidance {r0['guidance']}."), "",
+             "| sampler | " + ("guidance | " if several else "") + "grid | steps | NFE | "
+             + " | ".join(names[k] for k in metrics) + " | seconds |",
+             "|---|---|---|---|" + "---|" * (len(metrics) + several) + "---|"]
     for r in results:
         cells = []
         for k in metrics:
@@ -485,7 +501,9 @@ def sweep_table(results: list[dict]) -> str:
             cells.append("" if v is None else f"{v:.4g}" if k != "inception_score" or "inception_score_std" not in r
                          else f"{v:.4g} +- {r['inception_score_std']:.2g}")
         nfe = "" if r.get("nfe") is None else f"{r['nfe']:g}"
-        lines.append(f"| {r['sampler']} | {r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells)
+        g = r["guidance"]
+        gcol = f"{(guidance_tag(g) or '_cfg1')[1:]} | " if several else ""
+        lines.append(f"| {r['sampler']} | {gcol}{r.get('grid', '')} | {r['steps']} | {nfe} | " + " | ".join(cells)
                      + f" | {r['eval_seconds']} |")
     return "\n".join(lines) + "\n"
 

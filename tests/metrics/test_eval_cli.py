@@ -142,6 +142,13 @@ def test_eval_cli_sweeps_samplers_and_steps(run):
     assert summary["grid"] == "trailing" and summary["out"].endswith("ddim_3_trailing.png")
     with pytest.raises(AssertionError, match="one --sampler, one --steps and one --grid"):
         run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--steps=2,3", "--noprogress"], cache_dir=cache)
+    with pytest.raises(AssertionError, match="one --guidance_scale"):
+        run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--guidance_scale=1,3", "--noprogress"],
+                   cache_dir=cache)
+    proc = run_python(["-m", "jaxdiff.cli", "eval", f"--workdir={wd}", "--num-samples=10", "--features=digits",
+                       "--batch_size=10", "--sampler=ddim", "--steps=2", "--guidance_scale=1,3", "--noprogress"],
+                      cache_dir=cache)
+    assert [r["guidance"]["scale"] for r in json.loads(proc.stdout)["results"]] == [1.0, 3.0]
     with pytest.raises(AssertionError, match="unknown grid kind; valid: linspace"):
         run_python(["-m", "jaxdiff.cli", "sample", f"--workdir={wd}", "--grid=nope", "--noprogress"], cache_dir=cache)
     with pytest.raises(AssertionError, match="expected comma-separated int"):

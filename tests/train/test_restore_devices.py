@@ -127,6 +127,16 @@ def test_eval_sweep_over_samplers_and_steps(run):
                              features="digits", batch_size=10, progress=False)["results"]
     assert [(r["grid"], r["nfe"]) for r in by_grid] == [("karras", 5), ("trailing", 5)]
     assert by_grid[0]["out"].endswith("digits_heun_3_karras_10.json") and by_grid[0]["fid"] != by_grid[1]["fid"]
+    # guidance scales: one result each, equal to a single guided run_eval; a guidance column in the table
+    by_scale = run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], features="digits", batch_size=10,
+                              progress=False, guidances=[{"scale": 1.0}, {"scale": 3.0}])
+    assert [r["guidance"]["scale"] for r in by_scale["results"]] == [1.0, 3.0]
+    assert by_scale["results"][0]["fid"] == results[0]["fid"]  # scale 1: the unguided ddim-2 of the first sweep
+    guided = run_eval(str(wd), num=10, sampler="ddim", steps=2, features="digits", batch_size=10, progress=False,
+                      guidance={"scale": 3.0})
+    assert guided["fid"] == by_scale["results"][1]["fid"] != results[0]["fid"]
+    assert by_scale["table"].endswith("sweep_digits_10_ddim_2_guidance1-3.md")
+    assert "| ddim | cfg3 | linspace | 2 | 2 |" in by_scale["table_text"]
     # an adaptive sampler: the NFE its runs took (Dormand-Prince: 2 to start, 6 per attempted step, 1 into the
     # clean point), as a float mean over the batches
     adaptive = run_eval(str(wd), num=10, sampler="pf_ode_adaptive", steps=2, features="digits", batch_size=10,
