@@ -106,14 +106,15 @@ def _sample() -> None:
 
     if FLAGS.workdir is None:
         raise app.UsageError("jaxdiff sample needs --workdir")
-    try:
-        config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
-    except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from None
     samplers, steps_list, grids = _list_flag("sampler", str), _list_flag("steps", int), _list_flag("grid", str)
     if len(samplers) > 1 or len(steps_list) > 1 or len(grids) > 1:
         raise app.UsageError("jaxdiff sample takes one --sampler, one --steps and one --grid (sweeps are for jaxdiff "
                              "eval)")
+    guidance = _guidance_flags()  # one --guidance_scale: checked before the checkpoint is read
+    try:
+        config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
     sampler = (samplers or [config.sample.sampler])[0]
     steps = (steps_list or [0])[0] or int(config.sample.steps)  # 0: the config's, as before
     num = FLAGS.num or int(config.sample.num)
@@ -133,7 +134,7 @@ def _sample() -> None:
     try:
         images = generate(config, model, params, num, jax.random.PRNGKey(FLAGS.seed), sampler=sampler,
                           num_steps=steps, batch_size=FLAGS.batch_size, progress=FLAGS.progress,
-                          guidance_override=_guidance_flags(), **options)
+                          guidance_override=guidance, **options)
     except ValueError as e:  # a sampler, grid or step count that does not fit the model: the message says what
         raise app.UsageError(str(e)) from None
     tag = (f"_{grids[0]}" if grids else "") + (f"_{FLAGS.variance}" if FLAGS.variance else "")
@@ -150,13 +151,14 @@ def _sample() -> None:
 
 
 def _list_flag(name: str, kind) -> list:
-    """``--sampler a,b`` / ``--steps 5,10``: the comma-separated values of a flag ([] if not given)."""
+    """``--sampler a,b`` / ``--steps 5,10``: the comma-separated values of a flag, each once ([] if not
+    given)."""
     value = FLAGS[name].value
     if value is None:
         return []
     parts = [p.strip() for p in str(value).split(",") if p.strip()]
     try:
-        return [kind(p) for p in parts]
+        return list(dict.fromkeys(kind(p) for p in parts))  # a repeated value once
     except ValueError:
         raise app.UsageError(f"--{name}={value!r}: expected comma-separated {kind.__name__} values") from None
 

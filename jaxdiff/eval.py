@@ -357,8 +357,8 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                    decode_batch: int | None = None, grids: list | None = None, guidances: list | None = None) -> dict:
     """:func:`run_eval` for every (sampler, guidance, grid, steps) of ``samplers`` x ``guidances``
     x ``grids`` x ``steps`` -- the FID vs NFE tables of sampler papers, the FID vs guidance scale
-    curves of guided models (``guidances``: a list of ``guidance`` overrides, e.g.
-    ``[{"scale": s} for s in (1, 1.5, 3)]``; default ``[guidance]``) -- with the checkpoint restored, the feature network loaded and
+    curves of guided models (``guidances``: a list of overrides, each applied on top of
+    ``guidance``, e.g. ``[{"scale": s} for s in (1, 1.5, 3)]``; default ``[guidance]``) -- with the checkpoint restored, the feature network loaded and
     the reference statistics read once. Every pair samples from the same seed, so the initial
     noise is shared. Each setting writes its own JSON file as :func:`run_eval` does (``out`` only
     for a single one); with more than one, a Markdown table of them goes to
@@ -369,7 +369,9 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     Every setting's grid is built (and its NFE counted) before any sampling, so a setting that
     does not fit the model fails at once. ``eval_seconds``: sampling and scoring of that setting;
     ``setup_seconds``: restoring the checkpoint, loading the feature network and the reference,
-    counting the NFEs.
+    counting the NFEs. ``nfe`` is an int for fixed-step samplers and a float (the mean over the
+    batches) for adaptive ones, whose shared step size makes it depend on the batch size and the
+    device count too.
 
     Returns ``{"results": [summary, ...], "table": path or None, "table_text": str or None}``."""
     import json
@@ -379,7 +381,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
 
     t0 = time.time()
     samplers, steps, grids = list(samplers) or [None], list(steps) or [None], list(grids or []) or [None]
-    guidances = list(guidances or []) or [guidance]
+    guidances = [{**(guidance or {}), **(gd or {})} for gd in guidances] if guidances else [guidance]
     if out and len(samplers) * len(steps) * len(grids) * len(guidances) > 1:
         raise ValueError("out names one result file; a sweep over several samplers, step counts, grids or guidance "
                          "settings writes one per setting")

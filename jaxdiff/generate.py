@@ -68,6 +68,12 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     :func:`decode_in_chunks`). ``return_nfe=True`` (adaptive samplers, e.g. ``pf_ode_adaptive``)
     makes the function return ``(images, nfe)``, the model calls the batch took."""
     fn = samplers.get(sampler)
+    if options.get("return_nfe"):
+        from jaxdiff.samplers.nfe import ADAPTIVE
+
+        if sampler not in ADAPTIVE:
+            raise ValueError(f"return_nfe is an option of the adaptive samplers ({', '.join(ADAPTIVE)}), not of "
+                             f"{sampler!r}: count its NFE with generate.sample_nfe")
     process = build_process(config)
     sc = config.get("sample") or {}
     grid, options = _grid_and_options(config, process, sampler, num_steps, grid_kind, options)
@@ -248,6 +254,9 @@ def class_labels(config, num: int):
 def generate(config, model, params, num: int, key, *, sampler: str, num_steps: int, batch_size: int = 256,
              labels=None, grid_kind=None, progress: bool = True, mesh=None, **options) -> np.ndarray:
     """``num`` samples as a numpy array, generated in batches (key of batch b: fold_in(key, b))."""
+    if options.get("return_nfe"):
+        raise ValueError("generate returns the samples only: for an adaptive sampler's NFE use "
+                         "make_sample_fn(..., return_nfe=True) or jaxdiff.eval.evaluate_model")
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.size
     batch = min(int(batch_size), num)

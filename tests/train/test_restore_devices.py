@@ -105,7 +105,10 @@ def test_eval_sweep_over_samplers_and_steps(run):
     """``jaxdiff eval --sampler ddim,heun --steps 2,3`` (``run_eval_sweep``): one result per pair
     with its NFE (Heun's 2N - 1 on this VP grid, DDIM's N), the pair's result equal to a single
     ``run_eval`` of it, one JSON file each and a table with a row each."""
-    from jaxdiff.eval import run_eval, run_eval_sweep
+    import jax.numpy as jnp
+
+    from jaxdiff.eval import restore_for_sampling, run_eval, run_eval_sweep
+    from jaxdiff.generate import class_labels, make_sample_fn
 
     root, wd, _ = run
     sweep = run_eval_sweep(str(wd), num=10, samplers=["ddim", "heun"], steps=[2, 3], features="digits",
@@ -137,11 +140,20 @@ def test_eval_sweep_over_samplers_and_steps(run):
     assert guided["fid"] == by_scale["results"][1]["fid"] != results[0]["fid"]
     assert by_scale["table"].endswith("sweep_digits_10_ddim_2_guidance1-3.md")
     assert "| ddim | cfg3 | linspace | 2 | 2 |" in by_scale["table_text"]
+    assert "| sampler | guidance | grid | steps | NFE | FD |" in by_scale["table_text"]
     # an adaptive sampler: the NFE its runs took (Dormand-Prince: 2 to start, 6 per attempted step, 1 into the
     # clean point), as a float mean over the batches
-    adaptive = run_eval(str(wd), num=10, sampler="pf_ode_adaptive", steps=2, features="digits", batch_size=10,
+    adaptive = run_eval(str(wd), num=20, sampler="pf_ode_adaptive", steps=2, features="digits", batch_size=10,
                         progress=False)
-    assert adaptive["nfe"] >= 9 and (adaptive["nfe"] - 3) % 6 == 0
+    config, model, params, _ = restore_for_sampling(str(wd))
+    fn = make_sample_fn(config, model, "pf_ode_adaptive", 2, 10, return_nfe=True)
+    labels = class_labels(config, 20)
+    per_batch = [int(fn(params, jax.random.fold_in(jax.random.PRNGKey(1), b), jnp.asarray(labels[10 * b:10 * b + 10]))[1])
+                 for b in range(2)]
+    assert all(n >= 9 and (n - 3) % 6 == 0 for n in per_batch)
+    assert adaptive["nfe"] == np.mean(per_batch)
+    with pytest.raises(ValueError, match="return_nfe is an option of the adaptive samplers"):
+        make_sample_fn(config, model, "ddim", 2, 10, return_nfe=True)
     with pytest.raises(ValueError, match="unknown grid kind 'nope'"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], grids=["nope"], features="digits")
     # a setting that does not fit (1,001 steps of a 1,000-step chain) fails before any sampling
