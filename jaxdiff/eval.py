@@ -423,7 +423,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     # every setting's grid built (make_grid's errors: a grid kind the process has not, too many
     # steps) and its NFE counted before any sampling
     process = build_process(config)
-    nfes = [sample_nfe(config, sampler, n, grid_kind=gk, **options) for sampler, n, gk in pairs]
+    nfe_of = {p: sample_nfe(config, p[0], p[1], grid_kind=p[2], **options) for p in dict.fromkeys(pairs)}
     if ref:
         reference = M.load_stats(ref)
     elif features == "digits":
@@ -435,7 +435,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
         raise ValueError("jaxdiff eval needs --ref STATS.npz (reference statistics; compute them with `jaxdiff stats`)")
     setup_seconds = round(time.time() - t0, 1)
     results = []
-    for (sampler, n, gk, g), nfe in zip(settings, nfes):
+    for sampler, n, gk, g in settings:
         t1 = time.time()
         gtag = f"_{gk}" if gk and gk != config_grid else ""  # as before: no tag for the config's own grid
         path = out or os.path.join(workdir, "eval", f"{features}_{sampler}_{n}{gtag}_{num}{guidance_tag(g)}{tag}.json")
@@ -444,10 +444,9 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
                                 num_steps=n, extractor=extractor, batch_size=batch_size, grid_kind=gk,
                                 features_path=feats_path, progress=progress, guidance_override=g, **options)
         summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "sampler": sampler, "steps": n,
-                   "grid": gk or default_grid_kind(process, n), "nfe": result.get("nfe", nfe),  # adaptive: measured
-                   "num_samples": int(num),
-                   "seed": int(seed),
-                   "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
+                   "grid": gk or default_grid_kind(process, n),
+                   "nfe": result.get("nfe", nfe_of[(sampler, n, gk)]),  # adaptive samplers: measured
+                   "num_samples": int(num), "seed": int(seed), "features": features, "ref": ref, "guidance": g, **compare_to_reference(result, reference)}
         if sampler == "ddpm":
             summary["variance"] = ddpm_variance(config, variance)
         summary["eval_seconds"] = round(time.time() - t1, 1)  # sampling and scoring this setting
