@@ -143,9 +143,16 @@ class CheckpointManager:
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(int(step)):
             # Fault injection for tests and scripts/soak.py: SIGKILL this process while the
             # asynchronous write of this step is still in flight (before Orbax's final rename).
-            # With synchronous writes the save has already completed here.
+            # With synchronous writes the save has already completed here. Orbax may create the
+            # step's temporary folder on its background thread (after a previous save in flight
+            # finishes), so wait for that folder first (up to 60 s), then kill.
             import signal
+            import time
 
+            prefix, deadline = f"{int(step)}.", time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                    n.startswith(prefix) and TMP_MARKER in n for n in os.listdir(self.directory)):
+                time.sleep(0.0005)
             os.kill(os.getpid(), signal.SIGKILL)
         return started
 
