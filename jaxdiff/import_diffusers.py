@@ -27,8 +27,10 @@ import os
 
 __all__ = ["import_pipeline", "scheduler_settings"]
 
-# diffusers' schedulers over a discrete beta chain (the ones jaxdiff's discrete_vp is); the
-# defaults below are theirs for the keys an old scheduler_config.json may omit.
+# diffusers' schedulers over a discrete beta chain (the ones jaxdiff's discrete_vp is), and the
+# defaults of their __init__ arguments for the keys a scheduler_config.json may omit: those of
+# DDPMScheduler, except where a class's own differ (_CLASS_DEFAULTS; diffusers 0.42.1, checked
+# against each class's signature by tests/test_import_diffusers.py).
 BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                    "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
                    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
@@ -38,6 +40,15 @@ _SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end
                            beta_schedule="linear", trained_betas=None, prediction_type="epsilon",
                            rescale_betas_zero_snr=False, clip_sample_range=1.0, thresholding=False,
                            steps_offset=0, variance_type="fixed_small")
+_KARRAS_BETAS = dict(beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's betas
+_CLASS_DEFAULTS = {
+    "DDPMScheduler": dict(timestep_spacing="leading"),
+    "DDIMScheduler": dict(timestep_spacing="leading"),
+    "PNDMScheduler": dict(timestep_spacing="leading"),
+    "HeunDiscreteScheduler": _KARRAS_BETAS,
+    "KDPM2DiscreteScheduler": _KARRAS_BETAS,
+    "KDPM2AncestralDiscreteScheduler": _KARRAS_BETAS,
+}
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
 
 
@@ -53,7 +64,7 @@ def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
     """``(process, prediction, sample)`` of a diffusers beta-chain scheduler config: the
     ``config.diffusion.process`` dict, ``config.diffusion.prediction``, and the
     ``config.sample`` settings that make ``jaxdiff sample --sampler ddpm|ddim`` step as that
-    scheduler does: ``grid`` (its ``timestep_spacing``; DDPM / DDIM default ``leading``) and
+    scheduler does: ``grid`` (its ``timestep_spacing``; DDPM / DDIM / PNDM default ``leading``) and
     ``clip_denoised`` (its ``clip_sample_range`` when ``clip_sample``, DDPM / DDIM only).
 
     Raises ValueError for a scheduler that is not over a beta chain (VE, flow matching, ...),
@@ -65,8 +76,8 @@ def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
     if cls not in BETA_SCHEDULERS:
         raise ValueError(f"scheduler {cls}: jaxdiff imports the beta-chain schedulers "
                          f"({', '.join(BETA_SCHEDULERS)})")
-    c = {**_SCHEDULER_DEFAULTS, "clip_sample": cls in _CLIPPING,
-         "timestep_spacing": "leading" if cls in _CLIPPING else "linspace",
+    c = {**_SCHEDULER_DEFAULTS, "clip_sample": cls in _CLIPPING, "timestep_spacing": "linspace",
+         **_CLASS_DEFAULTS.get(cls, {}),
          **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
     if c["thresholding"]:
         raise ValueError("scheduler thresholding=True (dynamic thresholding, Saharia et al. 2022) "

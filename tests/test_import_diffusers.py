@@ -16,7 +16,7 @@ import pytest
 from jaxdiff import samplers
 from jaxdiff.schedules import grid_from_times, make_grid
 from jaxdiff.eval import restore_for_sampling
-from jaxdiff.import_diffusers import import_pipeline, scheduler_settings
+from jaxdiff.import_diffusers import BETA_SCHEDULERS, import_pipeline, scheduler_settings
 from jaxdiff.modeling import build_process, denoiser
 from jaxdiff.nets.from_diffusers import load_unet
 from tests.helpers import run_python
@@ -179,8 +179,12 @@ def test_scheduler_settings():
     assert process == {"name": "discrete_vp", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                        "beta_end": 0.012, "num_train_timesteps": 1000, "rescale_betas_zero_snr": False}
     assert prediction == "sample" and sample == {"grid": "trailing", "clip_denoised": 0.0}
-    # PNDM has no clip_sample and spaces its steps linspace by default
-    assert scheduler_settings({"_class_name": "PNDMScheduler"})[2] == {"grid": "linspace", "clip_denoised": 0.0}
+    # PNDM has no clip_sample and spaces its steps "leading" by default; Heun / KDPM2 default to
+    # Stable Diffusion's betas
+    assert scheduler_settings({"_class_name": "PNDMScheduler"})[2] == {"grid": "leading", "clip_denoised": 0.0}
+    assert scheduler_settings({"_class_name": "EulerDiscreteScheduler"})[2]["grid"] == "linspace"
+    heun = scheduler_settings({"_class_name": "HeunDiscreteScheduler"})[0]
+    assert (heun["beta_start"], heun["beta_end"]) == (0.00085, 0.012)
     assert scheduler_settings({"_class_name": "DDIMScheduler", "clip_sample_range": 2.0})[2]["clip_denoised"] == 2.0
     for bad, match in (({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
                        ({"prediction_type": "flow"}, "prediction_type='flow'"),
@@ -213,3 +217,23 @@ def test_dit_pipeline_imports_with_its_vae(tmp_path):
     assert config.diffusion.variance == "learned_range" and config.sample.variance == ""
     images = make_sample_fn(config, model, "ddim", 2, 2)(params, jax.random.PRNGKey(0), jnp.array([0, 1]))
     assert images.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(images)))
+
+
+@pytest.mark.parametrize("cls", BETA_SCHEDULERS)
+def test_scheduler_settings_defaults_are_each_schedulers_own(cls):
+    """A config that omits a key gets that scheduler class's own default (diffusers' signature)."""
+    import inspect
+
+    import diffusers
+
+    sig = inspect.signature(getattr(diffusers, cls).__init__).parameters
+    default = lambda k, fallback: sig[k].default if k in sig else fallback  # noqa: E731
+    process, prediction, sample = scheduler_settings({"_class_name": cls})
+    assert process["beta_start"] == default("beta_start", None)
+    assert process["beta_end"] == default("beta_end", None)
+    assert process["beta_schedule"] == default("beta_schedule", None)
+    assert process["num_train_timesteps"] == default("num_train_timesteps", None)
+    assert prediction == default("prediction_type", None)
+    # DPMSolverSinglestepScheduler has no timestep_spacing; it spaces steps as the multistep
+    # scheduler's "linspace" does (999, 899, ..., 100 at 10 steps)
+    assert sample["grid"] == default("timestep_spacing", "linspace")
