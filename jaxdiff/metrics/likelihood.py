@@ -70,7 +70,7 @@ def log_likelihood(denoise: Callable, process, x, key=None, *, num_steps: int = 
       x: data (B, ...) in the model's scale.
       key: PRNG key for the Hutchinson probes (unused with ``exact_trace``).
       num_steps: RK4 steps in ``u = log s``.
-      exact_trace: exact divergence (one JVP per dimension; small D only).
+      exact_trace: exact divergence (one VJP per dimension, reverse mode; small D only).
       probe: ``"rademacher"`` or ``"gaussian"`` Hutchinson probes.
       s_range: ``(s_lo, s_hi)``; default :func:`sigma_ratio_range`.
 

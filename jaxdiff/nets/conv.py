@@ -48,6 +48,16 @@ otherwise it is exactly ``lax.conv_general_dilated`` (XLA's native path on GPU /
 :func:`Conv` builds a ``flax.linen.Conv`` that uses it, so parameter names and shapes
 (``kernel`` ``(kh, kw, C_in, C_out)``, ``bias`` ``(C_out,)``) are those of ``nn.Conv``.
 
+**Forward-mode autodiff** (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) works through every
+path that runs under :func:`jaxdiff.compile_options.jit` with ``impl="auto"``, and through
+``impl="xla"`` anywhere: the sub-pixel upsampling layer is then a ``jax.custom_jvp`` whose tangent
+(four 2x2 convolutions) transposes into the same gradient as before, and the Dense layers'
+blocked kernel gradient (:mod:`jaxdiff.nets.dense`) likewise. The blocked *convolution* kernel
+gradient -- ``impl="matmul"``, or ``"auto"`` on CPU under a plain ``jax.jit`` -- is a
+``jax.custom_vjp``, which JAX differentiates in reverse mode only (``TypeError: can't apply
+forward-mode autodiff (jvp) to a custom_vjp function``): for forward mode there, compile with
+:func:`jaxdiff.compile_options.jit` or build the network with ``conv_impl="xla"``.
+
 :func:`upsample2x_conv3x3` / :class:`UpsampleConv` compute the UNet's upsampling layer
 (nearest 2x, then a 3x3 conv) in its sub-pixel form on CPU: four 2x2 convolutions of the
 low-resolution input, 16/36 of the products (batch 32, 16x16 -> 32x32, 128 channels: forward
@@ -63,6 +73,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxdiff.compile_options import tracing_with_eigen_convolutions
 
@@ -345,6 +356,31 @@ def _upsample_conv_bwd(impl, precision, res, g):
 _upsample_conv_subpixel.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _upsample_conv_subpixel_jvp(x, kernel, precision):
+    """The sub-pixel form with forward-mode autodiff: same primal (one fused 2x2 convolution)
+    and, through the JVP rule's tangent, the same reverse-mode gradient as the ``custom_vjp``
+    above when its convolutions are XLA's (the case under jaxdiff's compile options)."""
+    return _upsample_conv_single(x, kernel, precision)
+
+
+@functools.partial(_upsample_conv_subpixel_jvp.defjvp, symbolic_zeros=True)
+def _upsample_conv_subpixel_jvp_rule(precision, primals, tangents):
+    # The map is bilinear: d f(x, k) = f(dx, k) + f(x, dk). The tangent is written as the four
+    # 2x2 convolutions, so its transpose (what reverse mode runs) is their gradients, the faster
+    # backward (see _upsample_conv_bwd); with XLA's convolutions, which transpose natively.
+    x, kernel = primals
+    dx, dk = tangents
+    y = _upsample_conv_single(x, kernel, precision)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_upsample_conv_phases(dx, kernel, "xla", precision))
+    if not isinstance(dk, SymbolicZero):
+        terms.append(_upsample_conv_phases(x, dk, "xla", precision))
+    dy = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    return y, dy
+
+
 def upsample2x_conv3x3(x, kernel, *, impl: str = "auto", precision=None):
     """``conv3x3_SAME(nearest_upsample_2x(x), kernel)`` for NHWC ``x`` and an HWIO 3x3 kernel.
 
@@ -364,7 +400,10 @@ def upsample2x_conv3x3(x, kernel, *, impl: str = "auto", precision=None):
         up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return lax.conv_general_dilated(up, kernel, (1, 1), "SAME", dimension_numbers=_NHWC,
                                         precision=precision)
-    return _upsample_conv_subpixel(x, kernel, impl, precision)
+    if impl == "matmul" or (impl == "auto" and not tracing_with_eigen_convolutions()):
+        # the four convolutions' kernel gradients may be the blocked custom_vjp: reverse mode only
+        return _upsample_conv_subpixel(x, kernel, impl, precision)
+    return _upsample_conv_subpixel_jvp(x, kernel, precision)
 
 
 class UpsampleConv(nn.Module):

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from .conv import resolve_conv_impl, sum_over_blocks
+from .conv import resolve_conv_impl
 
 __all__ = ["DENSE_GRAD_CHUNK_ROWS", "Dense", "blocked_grad_dot_general"]
 
@@ -36,33 +37,45 @@ DENSE_GRAD_CHUNK_ROWS = 2048
 """Rows per block of the blocked kernel gradient (a divisor of the row count is used)."""
 
 
-def _kernel_grad_blocked(x2, g2, chunk_rows: int):
-    acc = jnp.float64 if x2.dtype == jnp.float64 else jnp.float32
+def _blocked_matmul(x, w, chunk_rows: int):
+    """``x @ w`` computed block by block over the rows in a ``lax.map``.
 
-    def block(xc, gc):
-        return lax.dot_general(xc, gc, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    Used for the tangent ``x @ dW`` below: it is linear in ``w``, and its transpose (what reverse
+    mode runs) is a ``lax.scan`` over the same blocks accumulating ``x_b^T g_b`` -- the blocked
+    kernel gradient, with the row blocks of ``x`` as its only residuals.
+    """
+    lead, c_in = x.shape[:-1], x.shape[-1]
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # bf16: sum the blocks in float32
+    x2 = x.reshape(-1, c_in)
+    m = x2.shape[0]
+    chunk = max(d for d in range(1, min(max(chunk_rows, 1), m) + 1) if m % d == 0)
+    wa = w.astype(acc)
+    if chunk == m:
+        y = x2.astype(acc) @ wa
+    else:
+        y = lax.map(lambda xc: xc.astype(acc) @ wa, x2.reshape(m // chunk, chunk, c_in))
+    return y.reshape(*lead, w.shape[-1]).astype(x.dtype)
 
-    return sum_over_blocks(block, (x2, g2), chunk_rows, (x2.shape[1], g2.shape[1]), acc)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _matmul_blocked_grad(x, w, chunk_rows):
     return x @ w
 
 
-def _fwd(x, w, chunk_rows):
-    return x @ w, (x, w)
-
-
-def _bwd(chunk_rows, res, g):
-    x, w = res
-    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    dw = _kernel_grad_blocked(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(x.dtype),
-                              chunk_rows)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_matmul_blocked_grad.defvjp(_fwd, _bwd)
+@functools.partial(_matmul_blocked_grad.defjvp, symbolic_zeros=True)
+def _matmul_blocked_grad_jvp(chunk_rows, primals, tangents):
+    # d(x @ W) = dx @ W + x @ dW. Forward mode evaluates this; reverse mode transposes it: dx @ W
+    # gives g @ W^T, and the blocked x @ dW gives dW = sum_b x_b^T g_b (accumulated in float32
+    # for bf16 inputs, as a float32 tangent).
+    x, w = primals
+    dx, dw = tangents
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(dx @ w)
+    if not isinstance(dw, SymbolicZero):
+        terms.append(_blocked_matmul(x, dw, chunk_rows))
+    y = x @ w
+    return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 
 def blocked_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,

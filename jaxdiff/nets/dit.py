@@ -18,8 +18,9 @@ Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (DiT); this is
 
 Because of adaLN-Zero the network output is exactly zero at initialisation.
 
-DiT-XL/2 (``dit("XL/2")``) on 32x32x4 latents with 1000 classes has 675,129,632 trainable
-parameters (the fixed position embedding is a constant here, not a parameter).
+DiT-XL/2 (``dit("XL/2")``) on 32x32x4 latents with 1000 classes has 674,834,720 trainable
+parameters; with the fixed 256 x 1152 position embedding (a constant here, not a parameter)
+675,129,632, the count the paper's code reports.
 """
 
 from __future__ import annotations

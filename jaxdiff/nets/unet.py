@@ -205,7 +205,9 @@ class UNet(nn.Module):
         (:mod:`jaxdiff.nets.dense`), and the blocked conv kernel gradient unless traced by
         :func:`jaxdiff.compile_options.jit`; XLA's native convolutions, products and their
         gradients on GPU / TPU), ``"xla"`` (XLA's everywhere) or ``"matmul"`` (the blocked
-        and sub-pixel paths anywhere).
+        and sub-pixel paths anywhere). Forward-mode autodiff (``jax.jvp``) on CPU needs
+        ``"auto"`` under :func:`jaxdiff.compile_options.jit`, or ``"xla"`` (see
+        :mod:`jaxdiff.nets.conv`).
         Parameters are identical; values and gradients agree to float rounding (< 1e-5).
     """
 

@@ -16,7 +16,9 @@ Eq. 2.43c; ``controller="pi"``, beta = 0.04 as in Hairer's ``dopri5``) or ``beta
 (``controller="standard"``, Hairer I, Eq. II.4.13). The first step size is chosen by Hairer I,
 Sec. II.4 ("Starting Step Size", one extra model call).
 
-The loop is a ``jax.lax.while_loop`` (so ``jit`` and ``vmap`` work, and forward-mode ``jax.jvp``);
+The loop is a ``jax.lax.while_loop`` (so ``jit`` and ``vmap`` work, and forward-mode ``jax.jvp``
+when the denoiser supports it: jaxdiff's UNet on CPU does under :func:`jaxdiff.compile_options.jit`
+or with ``conv_impl="xla"``, see :mod:`jaxdiff.nets.conv`);
 reverse-mode ``jax.grad`` cannot go through a while loop, so ``differentiable=True`` runs the same
 step body in a ``lax.scan`` of ``max_steps`` iterations that skips the finished ones. The step-size
 controller is not differentiated (``stop_gradient`` on the error norm): the gradient is that of
