@@ -53,6 +53,7 @@ __all__ = [
     "training_free_guidance",
     "smoothed_log_likelihood",
     "with_recurrence",
+    "MULTISTEP_SAMPLERS",
     "renoise",
     "RESCALE_SPACES",
 ]
@@ -358,17 +359,31 @@ def renoise(x_next, grid_from: tuple, grid_to: tuple, key):
     return (r * x_next + jnp.sqrt(var) * eps).astype(x_next.dtype)
 
 
+MULTISTEP_SAMPLERS = ("dpm_solver", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde", "deis",
+                      "lms", "ipndm", "ipndm_v", "unipc", "pndm", "plms")
+"""jaxdiff's registered samplers that :func:`with_recurrence` refuses (history across grid steps)."""
+
+
 def with_recurrence(sampler: Callable, num_recurrences: int) -> Callable:
     """TFG's recurrence (Ye et al. 2024, Alg. 1; Bansal et al. 2023, "Universal Guidance", Sec. 3.3):
     run each step of ``sampler`` ``num_recurrences`` times, re-noising the result back to the
     step's start (:func:`renoise`) between repeats; the last repeat's result is kept.
 
-    ``sampler`` must be one-step (no history carried between steps): ddim, ddpm, euler, heun,
-    dpm_solver, dpm2, euler_ancestral, dpmpp_2s_ancestral, ... Each step runs it on the two-point
-    grid of that step. Returns a sampler with the usual signature (it needs ``key``).
+    ``sampler`` must be one-step (nothing carried between grid steps): ddim, ddpm, euler, heun,
+    dpm2, euler_ancestral, dpm2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, flow_euler, flow_heun,
+    ... Each step runs it on the two-point grid of that step, where a multistep sampler (and the
+    singlestep ``dpm_solver``, whose intermediate points are grid points) would fall back to its
+    first-order step: jaxdiff's registered ones (:data:`MULTISTEP_SAMPLERS`) are refused. Returns a
+    sampler with the usual signature (it needs ``key``).
     """
     if not isinstance(num_recurrences, int) or num_recurrences < 1:
         raise ValueError(f"num_recurrences must be an int >= 1, got {num_recurrences!r}")
+    name = getattr(getattr(sampler, "func", sampler), "__name__", None)
+    if name in MULTISTEP_SAMPLERS:
+        raise ValueError(f"with_recurrence: {name} carries information between grid steps (or takes "
+                         "its intermediate points from the grid), so on each step's two-point grid it "
+                         "would run as a first-order method; use a one-step sampler (ddim, euler, heun, "
+                         "dpm2, dpmpp_2s_ancestral, ...)")
 
     def run(denoise, x, grid: Grid, *, key=None, **options):
         if key is None and num_recurrences > 1:

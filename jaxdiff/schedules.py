@@ -283,6 +283,8 @@ def make_grid(process: Process, num_steps: int, kind: str | None = None, *, rho:
     from alpha = 0 except those that call :func:`require_alpha_start_positive` (``pndm``, ``plms``,
     ``reverse_sde_pc``), which raise a ValueError saying so.
     """
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"make_grid: num_steps must be a positive integer (model evaluations), got {num_steps!r}")
     kind = kind or default_grid_kind(process, num_steps)
     if kind in TIMESTEP_SPACINGS:
         if not process.discrete:
@@ -324,17 +326,20 @@ def _has_sigma_range(process: Process) -> bool:
 
 def starts_at_alpha_zero(grid: Grid) -> bool:
     """Whether ``grid`` starts at alpha = 0 (zero terminal SNR, a flow at t = 1). False when the grid
-    is traced (inside ``jit`` its values are unknown)."""
-    try:
-        return float(grid.alpha[0]) == 0.0
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    is itself traced (a ``jit`` argument: its values are unknown); a concrete grid closed over by a
+    jitted function is read (indexing it inside the trace would give a tracer, so it is read as a
+    NumPy array)."""
+    alpha = grid.alpha
+    if isinstance(alpha, jax.core.Tracer):
         return False
+    return float(np.asarray(alpha).reshape(-1)[0]) == 0.0
 
 
 def require_alpha_start_positive(name: str, grid: Grid, why: str) -> None:
     """Raise a ValueError if a sampler that cannot step from alpha = 0 gets a grid starting there.
 
-    Only eager grids are checked; a traced grid starting at alpha = 0 gives NaN for these samplers.
+    Concrete grids are checked, also when a jitted function closes over one; a grid passed as a
+    ``jit`` argument (traced) is not, and one starting at alpha = 0 gives NaN for these samplers.
     """
     if starts_at_alpha_zero(grid):
         raise ValueError(

@@ -5,6 +5,8 @@ null label = the whole mixture) and an exact noisy classifier p(y | x_t), so gui
 checked against what it should sample, not only against itself.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -369,6 +371,10 @@ def test_recurrence_raises_fraction_and_one_repeat_is_the_sampler():
     ddim = samplers.get("ddim")
     once = guidance.with_recurrence(ddim, 1)(d, x, grid, key=jax.random.key(0))
     np.testing.assert_allclose(once, ddim(d, x, grid), rtol=0, atol=1e-5)
+    for multistep in ("dpm_solver", "dpmpp_2m", "unipc"):
+        with pytest.raises(ValueError, match=f"with_recurrence: {multistep} carries information"):
+            guidance.with_recurrence(functools.partial(samplers.get(multistep), order=2)
+                                     if multistep == "dpm_solver" else samplers.get(multistep), 2)
     thrice = guidance.with_recurrence(ddim, 3)(d, x, grid, key=jax.random.key(0))
     f1 = float(np.mean(nearest_component(once) == np.asarray(y)))
     f3 = float(np.mean(nearest_component(thrice) == np.asarray(y)))

@@ -303,9 +303,19 @@ def test_samplers_that_cannot_start_at_alpha_zero_raise():
     g = S.make_grid(P.discrete_vp(rescale_betas_zero_snr=True), 5, "trailing")  # pndm needs >= 5 steps
     x = jnp.ones((2, 3))
     for name in _NO_ALPHA_ZERO:
-        with pytest.raises(ValueError, match=f"{name}: the grid starts at alpha = 0.*every registered sampler except "
-                                             "pndm, plms and reverse_sde_pc"):
-            samplers.get(name)(lambda v, t: v, x, g, key=jax.random.key(0))
+        run = lambda x: samplers.get(name)(lambda v, t: v, x, g, key=jax.random.key(0))  # noqa: E731
+        # eagerly, and under jit with the grid closed over (as the README calls samplers)
+        for call in (run, jax.jit(run)):
+            with pytest.raises(ValueError, match=f"{name}: the grid starts at alpha = 0.*every registered sampler "
+                                                 "except pndm, plms and reverse_sde_pc"):
+                call(x)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_make_grid_refuses_a_step_count_below_one(bad):
+    for proc in (P.VPLinear(), P.EDM(), P.RectifiedFlow(), P.discrete_vp()):
+        with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+            S.make_grid(proc, bad)
 
 
 @pytest.mark.slow

@@ -61,6 +61,8 @@ def point_at_ratio(process, s):
 
 def _needs_key(eta, s_noise) -> bool:
     static = lambda v: isinstance(v, (int, float))  # noqa: E731
+    if static(eta) and eta < 0:
+        raise ValueError(f"ancestral samplers: eta must be >= 0 (0: deterministic, 1: ancestral), got {eta}")
     return not ((static(eta) and eta == 0) or (static(s_noise) and s_noise == 0))
 
 

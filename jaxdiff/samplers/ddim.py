@@ -87,6 +87,9 @@ def ddim(denoise, x, grid, *, key=None, eta: float = 0.0, clip_denoised: float |
     ``eta`` may be a traced value (changing it does not recompile); a key is needed if eta > 0.
     """
     validate("ddim", x, grid, key, stochastic=False)
+    if isinstance(eta, (int, float)) and not 0 <= eta <= 1:
+        raise ValueError(f"ddim: eta must be in [0, 1] (0: DDIM, 1: DDPM's variance; Song et al. 2021, "
+                         f"Eq. 16), got {eta}")
     if key is None and not (isinstance(eta, (int, float)) and eta == 0):
         raise ValueError("ddim with eta != 0 is stochastic: pass key=jax.random.key(...)")
     dtype = x.dtype

@@ -32,7 +32,9 @@ def _churn(x_t, s, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, grid):
     gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), min(s_churn / num_steps, math.sqrt(2.0) - 1.0), 0.0)
     sigma_hat = sigma * (1.0 + gamma)
     z = jax.random.normal(s.key, x_t.shape, jnp.float32)
-    x_hat = x_t + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * s_noise * z
+    # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (2 + gamma)): exactly 0 where gamma = 0 (the
+    # difference of squares can keep a rounding residual of sigma^2 once XLA fuses it into an FMA)
+    x_hat = x_t + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z
     t_hat = jnp.where(gamma > 0, grid.process.t_from_sigma_ratio(sigma_hat), s.t)
     alpha_hat = jnp.where(gamma > 0, grid.process.alpha(t_hat), s.alpha)
     return x_hat, sigma_hat, t_hat, alpha_hat

@@ -129,6 +129,26 @@ def test_validation_errors():
     for name in ("euler", "heun"):
         with pytest.raises(ValueError, match="stochastic: pass key"):
             samplers.get(name)(den, x, EDM_GRID, s_churn=1.0)
+    for eta in (-1.0, 1.5):
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            samplers.ddim(den, x, EDM_GRID, eta=eta, key=jax.random.key(0))
+    for name in ("euler_ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral"):
+        with pytest.raises(ValueError, match="eta must be >= 0"):
+            samplers.get(name)(den, x, EDM_GRID, eta=-1.0, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm2"])
+def test_churn_switched_off_outside_its_range_adds_no_noise(name):
+    """EDM churn (Karras et al. 2022, Alg. 2) with every sigma outside [s_tmin, s_tmax] has gamma = 0
+    at every step: the sampler is the deterministic one up to float rounding of the differently
+    compiled arithmetic (< 1e-5), also under jit -- no rounding residual of sigma_hat^2 - sigma^2
+    turned into noise (which was ~1e-4 sigma per step)."""
+    den = gaussian_denoiser(EDM, 0.7)
+    x = EDM_GRID.prior_sample(jax.random.key(1), (4, 3))
+    plain = jax.jit(lambda x: samplers.get(name)(den, x, EDM_GRID))(x)
+    for off in ({"s_tmin": 1e9}, {"s_tmax": 0.0}):
+        churned = jax.jit(lambda x: samplers.get(name)(den, x, EDM_GRID, s_churn=10.0, key=jax.random.key(3), **off))(x)
+        np.testing.assert_allclose(churned, plain, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------
