@@ -73,6 +73,8 @@ class ArraySource:
             )
         self.images = images
         self.labels = labels.astype(np.int32, copy=False)
+        # the class count the trainer checks a class-conditional model against (labels 0..max)
+        self.num_classes = int(self.labels.max()) + 1 if self.labels.size else 0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

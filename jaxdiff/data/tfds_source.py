@@ -168,6 +168,8 @@ class TfdsSource:
                 f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}"
             )
         self._has_label = label_key is not None and (keys is None or label_key in keys)
+        # the label feature's class count (tfds ClassLabel), which the trainer checks the model against
+        self.num_classes = getattr(features[label_key], "num_classes", None) if self._has_label and keys else None
 
     @property
     def data_source(self):

@@ -221,7 +221,8 @@ def check_data_shape(config, source) -> None:
 def check_data_labels(config, source) -> None:
     """A class-conditional model needs at least as many classes as the dataset has: label
     ``num_classes`` is the null class of classifier-free guidance, larger ones index past the table.
-    Checked for sources that know their class count (image folders, latent datasets)."""
+    Checked for sources that know their class count (in-memory arrays such as digits and toy2d:
+    largest label + 1; image folders; latent datasets; TFDS ClassLabel features)."""
     have = getattr(source, "num_classes", None)
     n = num_classes(config)
     if n and have and int(have) > n:

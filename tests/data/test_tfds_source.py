@@ -136,6 +136,7 @@ def test_unlabeled_grayscale_gives_zero_labels(tiny_dir):
     np.testing.assert_allclose(batch["image"], images / 127.5 - 1.0, atol=1e-6)
     np.testing.assert_array_equal(batch["label"], np.zeros(7, np.int32))
     assert batch["label"].dtype == np.int32
+    assert src.num_classes is None
     with pytest.raises(KeyError, match="pixels"):
         TfdsSource(TINY_UNLABELED, data_dir=tiny_dir, image_key="pixels")
 
@@ -165,6 +166,7 @@ def test_mock_data_source_shapes_and_values(mock_tfds):
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     assert batch["image"].std() > 0.1  # random fake pixels, not a constant
     assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+    assert src.num_classes == 10  # mnist's ClassLabel: what the trainer checks the model against
     np.testing.assert_array_equal(batch["image"][0], batch["image"][2])
     record = src.data_source[1]  # single-record path of tfds itself
     np.testing.assert_allclose(batch["image"][1], record["image"] / 127.5 - 1.0, atol=1e-6)

@@ -32,3 +32,13 @@ def test_bfloat16_compute_trains(tmp_path):
     cfg.sample.num = 0
     summary = train(cfg, str(tmp_path), progress=False)
     assert np.isfinite(summary["final_loss"])
+
+
+def test_too_few_classes_for_the_dataset_is_refused(tmp_path):
+    """digits has 10 classes: a model with 5 would index past its label table (NaN loss, every
+    step skipped as non-finite); the trainer refuses it before the first step."""
+    cfg = load_config("digits", "tiny")
+    cfg.model.num_classes = 5
+    cfg.train.num_steps = 2
+    with pytest.raises(ValueError, match="the dataset has 10 classes but config.model.num_classes=5"):
+        train(cfg, str(tmp_path), progress=False)
