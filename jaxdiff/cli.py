@@ -278,6 +278,11 @@ def _main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jaxdiff {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
+    if argv[1] in ("sample", "eval") and FLAGS["config"].present:
+        raise app.UsageError(
+            f"jaxdiff {argv[1]} rebuilds the model from the config saved with the checkpoint and does not read "
+            "--config or --config.* overrides; choose the sampling settings with --sampler, --steps, --grid, "
+            "--num, --guidance_scale, --guidance_interval, --guidance_rescale, --variance, --decode_batch, --params")
     from jaxdiff.parallel import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.multihost)
@@ -332,7 +337,19 @@ def _underscore_flag_names(argv):
     return out
 
 
+def _register_help() -> None:
+    """``jaxdiff --help`` / ``--helpshort``: absl prints the ``__main__`` module's docstring and the
+    key flags of ``sys.argv[0]``; under the console-script entry point neither is this module, so
+    its docstring (the commands) and flags are registered there."""
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not getattr(main_module, "__doc__", None):
+        main_module.__doc__ = __doc__
+    for flag in FLAGS.flags_by_module_dict().get(__name__, []):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def main() -> None:
+    _register_help()
     app.run(_main, argv=_underscore_flag_names(sys.argv), flags_parser=_parse_flags)
 
 

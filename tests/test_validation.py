@@ -59,6 +59,36 @@ def test_cli_badly_typed_config_value_says_which_and_why(tmp_path, arg, says):
     assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
 
 
+def _entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "jaxdiff")
+    if not os.path.exists(exe):
+        pytest.skip("the jaxdiff console script is not installed next to this Python")
+    return exe
+
+
+def test_cli_helpshort_lists_commands_and_flags():
+    """Under the console-script entry point absl's help describes the script's own module: jaxdiff
+    registers its docstring (the commands) and flags there."""
+    proc = subprocess.run([_entry_point(), "--helpshort"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = proc.stdout + proc.stderr
+    assert "jaxdiff sample --workdir" in out and "jaxdiff eval" in out
+    for flag in ("--sampler", "--steps", "--workdir", "--guidance_scale", "--grid", "--config"):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_cli_sample_and_eval_refuse_config_overrides(tmp_path, command):
+    """sample / eval use the checkpoint's saved config: --config(.*) would be silently ignored."""
+    proc = subprocess.run(
+        [_entry_point(), command, "--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
+         "--config.sample.steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0
+    assert f"jaxdiff {command} rebuilds the model from the config saved with the checkpoint" in proc.stderr
+    assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # --- names: sampler, dataset, network, options --------------------------------------------------
 
 def test_unknown_sampler_lists_valid_names():
