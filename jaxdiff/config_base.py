@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
+    c.model.dtype = "float32"       # compute dtype (parameters stay float32): --config.model.dtype=bfloat16
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.process = ml_collections.ConfigDict({"name": "discrete_vp", "beta_schedule": "linear"})

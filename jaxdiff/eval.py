@@ -376,7 +376,7 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     Returns ``{"results": [summary, ...], "table": path or None, "table_text": str or None}``."""
     import json
 
-    from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe
+    from jaxdiff.generate import ddpm_variance, guidance_settings, sample_nfe, warn_if_null_class_untrained
     from jaxdiff.modeling import num_classes
 
     t0 = time.time()
@@ -398,6 +398,8 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     if any(g["scale"] != 1.0 for g in gs) and num_classes(config) == 0:
         raise ValueError("a guidance scale other than 1 needs a class-conditional model (model.num_classes > 0 "
                          "trained with diffusion.class_dropout > 0); this one is unconditional")
+    if any(g["scale"] != 1.0 for g in gs):
+        warn_if_null_class_untrained(config)
     settings = [(sm or config.sample.sampler, int(n or config.sample.steps), gk or config_grid, g)
                 for sm in samplers for g in gs for gk in grids for n in steps]
     pairs = [s[:3] for s in settings]

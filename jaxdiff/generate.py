@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +46,16 @@ def ddpm_variance(config, override: str | None = None) -> str:
     sc = config.get("sample") or {}
     return (override or str(sc.get("variance", "") or "")
             or ("learned_range" if learns_variance(config) else "fixed_small"))
+
+
+def warn_if_null_class_untrained(config) -> None:
+    """Warn when guidance is asked of a model trained without label dropout: its unconditional
+    branch (the null class, Ho & Salimans 2022) never saw a training step."""
+    dropout = (config.get("diffusion") or {}).get("class_dropout", None)
+    if dropout is not None and float(dropout) <= 0.0:
+        warnings.warn("classifier-free guidance on a model trained with config.diffusion.class_dropout=0: "
+                      "its null-class (unconditional) branch was never trained, so the guided samples "
+                      "extrapolate from an untrained direction", RuntimeWarning, stacklevel=3)
 
 
 def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, grid_kind=None,
@@ -89,6 +100,8 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     if guided and num_classes(config) == 0:
         raise ValueError(f"sample.guidance_scale={g['scale']} needs a class-conditional model "
                          "(model.num_classes > 0 trained with diffusion.class_dropout > 0); this one is unconditional")
+    if guided:
+        warn_if_null_class_untrained(config)
 
     check_sample_vae(config)  # the VAE's latents have the data's channels (a clear error, not Flax's)
     vae = _vae(sc.get("vae", ""))

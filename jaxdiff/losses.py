@@ -210,7 +210,7 @@ def diffusion_loss(net: Callable, x0, key, *, process: Process, prediction: str,
         if out.shape[-1] != 2 * c:
             raise ValueError(f"variance='learned_range' needs a network with 2 x {c} output channels (prediction "
                              f"and variance), this one has {out.shape[-1]} (DiT: model.learn_sigma=True; "
-                             f"UNet: model.out_channels={2 * c})")
+                             f"UNet / MLP: leave model.out_channels / out_dim unset, or set it to {2 * c})")
         out, v = out[..., :c], out[..., c:]
     if prediction == "edm":  # D = c_skip x + c_out F (Karras et al. 2022, Eq. 7), VP frame
         c_skip_a, c_out, _, _ = edm_vp_coefficients(process.alpha(t), process.sigma(t), sigma_data)

@@ -18,8 +18,19 @@ __all__ = ["build_model", "build_process", "net_fn", "denoiser", "conditional_de
 
 
 def build_model(config):
-    """The Flax module named by ``config.model``."""
-    return nets.build(config.model)
+    """The Flax module named by ``config.model``.
+
+    Under ``diffusion.variance="learned_range"`` a UNet (or MLP) whose config does not set
+    ``out_channels`` (``out_dim``) gets twice the data's channels -- the prediction and iDDPM's
+    variance interpolation v (Nichol & Dhariwal 2021, Sec. 3.1); a DiT's ``learn_sigma`` is on by default.
+    """
+    m = config.model
+    if learns_variance(config):
+        name = str(m.get("name", "")).lower()
+        field = {"unet": "out_channels", "mlp": "out_dim"}.get(name)
+        if field and m.get(field) is None:
+            m = {**(m.to_dict() if hasattr(m, "to_dict") else dict(m)), field: 2 * data_shape(config)[-1]}
+    return nets.build(m)
 
 
 def build_process(config) -> Process:

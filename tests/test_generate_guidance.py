@@ -55,6 +55,23 @@ def test_guidance_settings_and_errors():
         make_sample_fn(unc, build_model(unc), "ddim", 4, 8, guidance_override={"scale": 2.0})
 
 
+def test_guidance_on_a_model_trained_without_label_dropout_warns(tiny):
+    """class_dropout = 0: the null class never trained, so guidance extrapolates from nothing."""
+    import warnings
+
+    cfg, model, _ = tiny
+    cfg = cfg.copy_and_resolve_references()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_sample_fn(cfg, model, "ddim", 2, 4, guidance_override={"scale": 3.0})  # default dropout 0.1
+    cfg.diffusion.class_dropout = 0.0
+    with pytest.warns(RuntimeWarning, match="class_dropout=0: its null-class"):
+        make_sample_fn(cfg, model, "ddim", 2, 4, guidance_override={"scale": 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_sample_fn(cfg, model, "ddim", 2, 4, guidance_override={"scale": 1.0})  # unguided: no warning
+
+
 def test_guided_sampling_without_labels_is_an_error(tiny):
     """With guidance on, y=None would silently sample the unguided model: it raises instead."""
     cfg, model, params = tiny

@@ -153,6 +153,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="NFE 5 and 10 only, 500 points (smoke test)")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
+    import matplotlib  # noqa: F401  (the [experiments] extra: fail now, not after the runs)
+
+    os.makedirs(args.out, exist_ok=True)
     nfes = NFES[:2] if args.quick else NFES
     m = 500 if args.quick else args.points
     t0 = time.time()

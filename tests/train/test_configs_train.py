@@ -42,3 +42,19 @@ def test_too_few_classes_for_the_dataset_is_refused(tmp_path):
     cfg.train.num_steps = 2
     with pytest.raises(ValueError, match="the dataset has 10 classes but config.model.num_classes=5"):
         train(cfg, str(tmp_path), progress=False)
+
+
+def test_learned_range_and_bf16_from_overrides_alone(tmp_path):
+    """`--config.diffusion.variance=learned_range` on a UNet config trains (the output channels
+    follow: 2 x the data's) and `--config.model.dtype=bfloat16` is a key every config has."""
+    from jaxdiff.modeling import build_model
+
+    cfg = load_config("digits", "tiny")
+    assert cfg.model.dtype == "float32"
+    cfg.diffusion.variance = "learned_range"
+    cfg.model.dtype = "bfloat16"
+    cfg.train.num_steps = 2
+    cfg.sample.num = 0
+    assert build_model(cfg).out_channels == 2
+    summary = train(cfg, str(tmp_path), progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
