@@ -213,7 +213,13 @@ class CheckpointManager:
         only_cfg = sorted(wanted.keys() - stored.keys())
         if not (differ or only_ckpt or only_cfg):
             return
-        lines = [f"checkpoint {self.directory}/{step} was written by a different model config:"]
+        params_differ = any(k.startswith(params) for k in differ_all + only_ckpt + only_cfg)
+        if params_differ or under:
+            lines = [f"checkpoint {self.directory}/{step} was written by a different model config:"]
+        else:  # parameters alike: the optimizer chain or the EMA copies are what changed
+            lines = [f"checkpoint {self.directory}/{step} has the same parameters but a different optimizer / EMA "
+                     "state (optim.grad_clip switched on or off, another optimizer, other ema.decays: the "
+                     "optimizer chain and the EMA copies are part of the checkpointed state):"]
         if differ:
             lines.append(f"{len(differ)} parameter shape(s) differ:")
             lines += differ[:20] + ([f"  ... and {len(differ) - 20} more"] if len(differ) > 20 else [])

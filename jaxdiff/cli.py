@@ -113,7 +113,7 @@ def _sample() -> None:
     guidance = _guidance_flags()  # one --guidance_scale: checked before the checkpoint is read
     try:
         config, model, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.params or "")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint; an unknown --params name
         raise app.UsageError(str(e)) from None
     sampler = (samplers or [config.sample.sampler])[0]
     steps = (steps_list or [0])[0] or int(config.sample.steps)  # 0: the config's, as before
@@ -178,7 +178,11 @@ def _guidance_flags(scale: float | None = None) -> dict:
         parts = [p for p in FLAGS.guidance_interval.replace("(", "").replace(")", "").split(",") if p.strip()]
         if len(parts) not in (0, 2):
             raise app.UsageError(f"--guidance_interval must be 'lo,hi' or '', got {FLAGS.guidance_interval!r}")
-        g["interval"] = (float(parts[0]), float(parts[1])) if parts else None
+        try:
+            g["interval"] = (float(parts[0]), float(parts[1])) if parts else None
+        except ValueError:
+            raise app.UsageError(f"--guidance_interval must be two numbers 'lo,hi' (or ''), got "
+                                 f"{FLAGS.guidance_interval!r}") from None
     if FLAGS.guidance_rescale is not None:
         g["rescale"] = float(FLAGS.guidance_rescale)
     return g

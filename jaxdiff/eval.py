@@ -428,6 +428,11 @@ def run_eval_sweep(workdir: str, *, num: int, samplers: list, steps: list, ref: 
     nfe_of = {p: sample_nfe(config, p[0], p[1], grid_kind=p[2], **options) for p in dict.fromkeys(pairs)}
     if ref:
         reference = M.load_stats(ref)
+        ref_dim = int(np.shape(reference["mu"])[-1])
+        if ref_dim != int(extractor.dim):
+            raise ValueError(f"the reference {ref} holds {ref_dim}-d features but --features {features} gives "
+                             f"{extractor.dim}-d ones: make the reference with the same --features "
+                             "(`jaxdiff stats --features ...`)")
     elif features == "digits":
         from jaxdiff.data import make_source
 

@@ -197,6 +197,26 @@ def test_checkpoint_from_other_model_config_names_differing_shapes(tmp_path):
     assert "opt_state" not in str(info_ema.value) and "EMA / optimizer-state" not in str(info_ema.value)
 
 
+def test_checkpoint_with_another_optimizer_chain_says_so(tmp_path):
+    """Same parameters, optim.grad_clip switched off: the optimizer chain's state differs, and the
+    message says that rather than blaming the model config."""
+    cfg = load_config("toy2d", "tiny")
+    cfg.optim.grad_clip = 1.0
+    state = jax.jit(make_init_fn(cfg, build_model(cfg), make_optimizer(cfg.optim)))(jax.random.PRNGKey(0))
+    no_clip = load_config("toy2d", "tiny")
+    no_clip.optim.grad_clip = 0.0
+    ckpt = CheckpointManager(str(tmp_path), save_every=1, async_save=False)
+    try:
+        ckpt.save(1, state, cfg, force=True)
+        with pytest.raises(CheckpointMismatchError) as info:
+            ckpt.restore(_abstract(no_clip), 1)
+    finally:
+        ckpt.close()
+    msg = str(info.value)
+    assert "same parameters but a different optimizer / EMA state" in msg and "grad_clip" in msg
+    assert "different model config" not in msg and "opt_state/" in msg
+
+
 # --- sampler arguments --------------------------------------------------------------------------
 
 EDM = P.EDM()

@@ -274,6 +274,11 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     global_batch = int(config.data.batch_size)
     if global_batch % mesh.size:
         raise ValueError(f"data.batch_size={global_batch} is not divisible by the {mesh.size} devices")
+    # the data is opened and checked against the config before the state is built (a large model's
+    # initialisation takes minutes) and before anything is written under workdir
+    source = make_source(config.data, "train")
+    check_data_shape(config, source)
+    check_data_labels(config, source)
 
     model = build_model(config)
     tx = make_optimizer(config)
@@ -322,9 +327,6 @@ def train(config, workdir: str, *, progress: bool = True, sample_at_end: bool = 
     if jax.process_index() == 0:
         _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
-    source = make_source(config.data, "train")
-    check_data_shape(config, source)
-    check_data_labels(config, source)
     if jax.process_index() == 0:  # only once the config has been checked against the data
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:

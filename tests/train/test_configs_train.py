@@ -42,6 +42,7 @@ def test_too_few_classes_for_the_dataset_is_refused(tmp_path):
     cfg.train.num_steps = 2
     with pytest.raises(ValueError, match="the dataset has 10 classes but config.model.num_classes=5"):
         train(cfg, str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == []  # checked before the state, checkpoints or logs
 
 
 def test_learned_range_and_bf16_from_overrides_alone(tmp_path):

@@ -161,6 +161,14 @@ def test_eval_sweep_over_samplers_and_steps(run):
     with pytest.raises(ValueError, match="num_steps"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 1001], features="digits")
     assert sorted(os.listdir(wd / "eval")) == before
+    # a reference of another feature network's dimension (Inception's 2,048 vs the digits
+    # classifier's) is refused before sampling
+    from jaxdiff.metrics.fid import save_stats
+
+    inception_ref = save_stats(str(root / "inception_like.npz"), np.zeros(2048), np.eye(2048))
+    with pytest.raises(ValueError, match="holds 2048-d features but --features digits gives"):
+        run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2], features="digits", ref=inception_ref)
+    assert sorted(os.listdir(wd / "eval")) == before
     with pytest.raises(ValueError, match="one result file"):
         run_eval_sweep(str(wd), num=10, samplers=["ddim"], steps=[2, 3], features="digits", out=str(root / "x.json"))
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
