@@ -221,7 +221,7 @@ class CheckpointManager:
                      "state (optim.grad_clip switched on or off, another optimizer, other ema.decays: the "
                      "optimizer chain and the EMA copies are part of the checkpointed state):"]
         if differ:
-            lines.append(f"{len(differ)} parameter shape(s) differ:")
+            lines.append(f"{len(differ)} {'parameter' if params_differ or under else 'array'} shape(s) differ:")
             lines += differ[:20] + ([f"  ... and {len(differ) - 20} more"] if len(differ) > 20 else [])
             if mirrored:
                 lines.append(f"(and {mirrored} EMA / optimizer-state arrays of those parameters)")

@@ -278,15 +278,18 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
+_NO_CONFIG_OVERRIDES = (
+    "jaxdiff {command} rebuilds the model from the config saved with the checkpoint and does not read --config "
+    "or --config.* overrides; choose the sampling settings with --sampler, --steps, --grid, --num, "
+    "--guidance_scale, --guidance_interval, --guidance_rescale, --variance, --decode_batch, --params")
+
+
 def _main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jaxdiff {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     if argv[1] in ("sample", "eval") and FLAGS["config"].present:
-        raise app.UsageError(
-            f"jaxdiff {argv[1]} rebuilds the model from the config saved with the checkpoint and does not read "
-            "--config or --config.* overrides; choose the sampling settings with --sampler, --steps, --grid, "
-            "--num, --guidance_scale, --guidance_interval, --guidance_rescale, --variance, --decode_batch, --params")
+        raise app.UsageError(_NO_CONFIG_OVERRIDES.format(command=argv[1]))
     from jaxdiff.parallel import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.multihost)
@@ -354,6 +357,10 @@ def _register_help() -> None:
 
 def main() -> None:
     _register_help()
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in ("sample", "eval") and any(a.lstrip("-").startswith("config") for a in sys.argv[1:]):
+        sys.stderr.write(f"FATAL {_NO_CONFIG_OVERRIDES.format(command=command)}\n")
+        sys.exit(1)
     app.run(_main, argv=_underscore_flag_names(sys.argv), flags_parser=_parse_flags)
 
 

@@ -77,12 +77,15 @@ def test_cli_helpshort_lists_commands_and_flags():
         assert flag in out, flag
 
 
-@pytest.mark.parametrize("command", ["sample", "eval"])
-def test_cli_sample_and_eval_refuse_config_overrides(tmp_path, command):
+@pytest.mark.parametrize("command, args", [
+    ("sample", ["--config=configs/digits.py:tiny", "--config.sample.steps=2"]),
+    ("eval", ["--config=configs/digits.py:tiny"]),
+    ("sample", ["--config.sample.steps=2"]),  # an override without a config file
+])
+def test_cli_sample_and_eval_refuse_config_overrides(tmp_path, command, args):
     """sample / eval use the checkpoint's saved config: --config(.*) would be silently ignored."""
     proc = subprocess.run(
-        [_entry_point(), command, "--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
-         "--config.sample.steps=2"],
+        [_entry_point(), command, f"--workdir={tmp_path}", *args],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0
     assert f"jaxdiff {command} rebuilds the model from the config saved with the checkpoint" in proc.stderr

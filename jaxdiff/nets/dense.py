@@ -50,10 +50,12 @@ def _blocked_matmul(x, w, chunk_rows: int):
     m = x2.shape[0]
     chunk = max(d for d in range(1, min(max(chunk_rows, 1), m) + 1) if m % d == 0)
     wa = w.astype(acc)
+    # rematerialised, so that for bf16 x reverse mode keeps x itself, not a float32 copy of it
+    block = jax.checkpoint(lambda xc, wa: xc.astype(acc) @ wa)
     if chunk == m:
-        y = x2.astype(acc) @ wa
+        y = block(x2, wa)
     else:
-        y = lax.map(lambda xc: xc.astype(acc) @ wa, x2.reshape(m // chunk, chunk, c_in))
+        y = lax.map(lambda xc: block(xc, wa), x2.reshape(m // chunk, chunk, c_in))
     return y.reshape(*lead, w.shape[-1]).astype(x.dtype)
 
 
