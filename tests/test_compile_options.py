@@ -70,6 +70,7 @@ def test_jit_keeps_convolutions_out_of_ynnpack_and_dots_in(monkeypatch):
 
 
 @on_cpu
+@pytest.mark.slow  # ~37 s on CI's CPU
 def test_results_as_accurate_as_plain_jit():
     """UNet forward and parameter gradients, float32, against a float64 evaluation: with the
     options the median error is unchanged and the worst leaf stays below 1e-4 (3x plain jit's)."""

@@ -116,6 +116,7 @@ def test_image_folder_source_crops_scales_and_labels(tmp_path):
         ImageFolderSource(str(root), image_size=8, channels=4)
 
 
+@pytest.mark.slow  # ~29 s on CI's CPU; tests/test_encode.py trains from an image folder's latents
 def test_a_unet_trains_on_an_image_folder(tmp_path):
     from jaxdiff.config_base import check_config
     from jaxdiff.train import train

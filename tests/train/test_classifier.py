@@ -55,6 +55,7 @@ def test_trained_noisy_classifier_guides_mixture_samples_to_requested_class():
     assert frac > 0.9 and frac0 < 0.4, (frac, frac0)
 
 
+@pytest.mark.slow  # ~30 s on CI's CPU; test_trained_noisy_classifier_guides_... covers the classifier path
 def test_noisy_classifier_on_digit_images():
     images, labels = load_digits("train")
     model = NoisyClassifier(num_classes=10, ch=16, ch_mult=(1, 2))

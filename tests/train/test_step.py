@@ -164,7 +164,8 @@ def test_ema_specs_and_sampling_params(setup):
         sampling_params(s, "nope")
 
 
-@pytest.mark.parametrize("config_name", ["digits", "imagenet256_dit"])
+@pytest.mark.parametrize("config_name", [pytest.param("digits", marks=pytest.mark.slow),  # ~36 s on CI's CPU
+                                         "imagenet256_dit"])
 def test_label_dropout_trains_the_null_class_of_unet_and_dit(config_name):
     """With class_dropout > 0 the null-class row of the label table (row num_classes) gets a
     gradient -- the unconditional branch CFG needs is trained; with 0 it never moves."""
