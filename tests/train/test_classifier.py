@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxdiff import guidance, samplers
 from jaxdiff import processes as P
