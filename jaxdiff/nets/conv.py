@@ -129,6 +129,11 @@ KERNEL_GRAD_CHUNK_PIXELS = 2048
 """Output pixels per block of the blocked kernel gradient (a divisor of the batch is used)."""
 
 
+def block_rows(n: int, block_size: int) -> int:
+    """The largest divisor of ``n`` that is ``<= block_size`` (the rows of one block)."""
+    return max(d for d in range(1, min(max(block_size, 1), n) + 1) if n % d == 0)
+
+
 def sum_over_blocks(block, operands, block_size: int, out_shape, out_dtype):
     """``sum_b block(*[a[b] for a in operands])`` over blocks of the leading axis, in a ``lax.scan``.
 
@@ -137,7 +142,7 @@ def sum_over_blocks(block, operands, block_size: int, out_shape, out_dtype):
     :mod:`jaxdiff.nets.dense`.
     """
     n = operands[0].shape[0]
-    chunk = max(d for d in range(1, min(max(block_size, 1), n) + 1) if n % d == 0)
+    chunk = block_rows(n, block_size)
     if chunk == n:
         return block(*operands)
     split = tuple(a.reshape(n // chunk, chunk, *a.shape[1:]) for a in operands)

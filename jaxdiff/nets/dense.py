@@ -29,7 +29,7 @@ from flax import linen as nn
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from .conv import resolve_conv_impl
+from .conv import block_rows, resolve_conv_impl
 
 __all__ = ["DENSE_GRAD_CHUNK_ROWS", "Dense", "blocked_grad_dot_general"]
 
@@ -48,7 +48,7 @@ def _blocked_matmul(x, w, chunk_rows: int):
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # bf16: sum the blocks in float32
     x2 = x.reshape(-1, c_in)
     m = x2.shape[0]
-    chunk = max(d for d in range(1, min(max(chunk_rows, 1), m) + 1) if m % d == 0)
+    chunk = block_rows(m, chunk_rows)
     wa = w.astype(acc)
     # rematerialised, so that for bf16 x reverse mode keeps x itself, not a float32 copy of it
     block = jax.checkpoint(lambda xc, wa: xc.astype(acc) @ wa)
