@@ -9,7 +9,7 @@ one of ``--conv-impl``, which executes fewer FLOPs where the CPU path computes t
 conv in its sub-pixel form. (The cost analysis of the timed executable is also
 recorded, as ``executed_flops_per_step``; it counts the body of a ``lax.scan`` -- the blocked
 kernel gradient -- once, so it is not a FLOP count of the step.) On an accelerator the model
-FLOPs are those of the step's HLO before XLA's optimisations (:func:`hlo_flops`), since the
+FLOPs are those of the step's HLO before XLA's optimisations (:func:`common.hlo_flops`), since the
 optimised executable's library calls may not be counted there.
 
 The peak is *measured*, not a datasheet number: ``--matmul-n`` square matrices in the compute
@@ -43,51 +43,6 @@ UNET_CIFAR10 = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
 """configs/cifar10_ddpm.py's network (Ho et al. 2020, CIFAR-10: 35.7M parameters)."""
 
 
-def matmul_peak_jax(n: int, repeats: int, dtype: str = "float32") -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    dt = jnp.dtype(dtype)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    t = common.median_time(lambda: f(a, b), repeats=repeats, warmup=1)
-    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n, dtype=dtype)
-
-
-def matmul_peak_torch(n: int, repeats: int, dtype: str = "float32", device: str = "auto") -> dict:
-    torch = common.setup_torch()
-    dev = common.torch_device(device)
-    a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-
-    def product():  # the product alone, then wait for the device (a CPU matmul returns done)
-        c = a @ b
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return None
-
-    t = common.median_time(product, repeats=repeats, warmup=1)
-    return dict(t, flops_per_s=2.0 * n**3 / t["median_s"], n=n, dtype=dtype, device=str(dev))
-
-
-def compiled_flops(compiled) -> float:
-    """FLOPs of a compiled (or, for :func:`hlo_flops`, lowered) computation, from XLA's cost analysis."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost["flops"])
-
-
-def hlo_flops(lowered) -> float:
-    """FLOPs of the step's HLO before XLA's optimisations: the same program on every backend.
-    On a GPU the optimised executable's matmuls and convolutions are cuBLAS / cuDNN custom calls,
-    which XLA's cost analysis may not count (jax-ml/jax#22249), so the GPU's model FLOPs come from
-    here. (On this CPU, the train step of a small UNet -- ch 16, two levels, batch 2 -- counted
-    1.063 GFLOP here vs 1.086 compiled.)"""
-    return compiled_flops(lowered)
-
-
 def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl: str,
                    dtype: str) -> dict:
     from jaxdiff.nets.conv import resolve_conv_impl
@@ -102,9 +57,9 @@ def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl:
         unet["conv_impl"] = conv_impl
     step_fn, state, data, n_params = training_vs_torch.jaxdiff_train_step(batch, conv_impl, unet)
     lowered = step_fn.lower(state, data)
-    unoptimised_flops = hlo_flops(lowered)
+    unoptimised_flops = common.hlo_flops(lowered)
     compiled = lowered.compile()  # compiled once: timed and cost-analysed
-    executed_flops = compiled_flops(compiled)
+    executed_flops = common.compiled_flops(compiled)
     flops = executed_flops
     import jax
 
@@ -119,7 +74,7 @@ def train_step_mfu(model: str, batch: int, repeats: int, warmup: int, conv_impl:
         # layer of the CPU path executes fewer (16/36 of that layer's products).
         ref_fn, ref_state, ref_data, _ = training_vs_torch.jaxdiff_train_step(
             batch, "xla", dict(unet, conv_impl="xla"))
-        flops = compiled_flops(ref_fn.lower(ref_state, ref_data).compile())
+        flops = common.compiled_flops(ref_fn.lower(ref_state, ref_data).compile())
         del ref_fn, ref_state, ref_data
     step_fn = compiled
     box = [state]
@@ -153,12 +108,12 @@ def main(argv=None):
     n = args.matmul_n or (4096 if jax.default_backend() == "cpu" else 8192)
     info = common.machine_info()
     common.log(f"machine: {info}")
-    peak = matmul_peak_jax(n, max(args.repeats, 3), args.dtype)
+    peak = common.matmul_peak_jax(n, max(args.repeats, 3), args.dtype)
     common.log(f"jax {args.dtype} matmul {n}^2: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
     result = dict(benchmark="mfu", model=args.model, batch=args.batch, dtype=args.dtype,
                   conv_impl=args.conv_impl, matmul_peak_jax=peak, machine=info)
     if not args.skip_torch:
-        tp = matmul_peak_torch(n, max(args.repeats, 3), args.dtype, args.torch_device)
+        tp = common.matmul_peak_torch(n, max(args.repeats, 3), args.dtype, args.torch_device)
         common.log(f"torch {args.dtype} matmul {n}^2 ({tp['device']}): "
                    f"{tp['flops_per_s'] / 1e9:.1f} GFLOP/s")
         result["matmul_peak_torch"] = tp

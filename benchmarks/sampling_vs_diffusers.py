@@ -25,6 +25,12 @@ bfloat16`` runs jaxdiff's network with ``dtype=bfloat16`` and diffusers' under
 
 The jaxdiff warm-up is one whole sampling call (it compiles); the diffusers warm-up is one
 network call. Defaults keep the whole script under ~4 minutes on the 2-core CI machine.
+
+``--roofline`` also measures jax's float32 4096^2 matmul in the same run and counts the model
+FLOPs of the call (``STEPS`` network evaluations, XLA's cost analysis of the network as
+defined), and prints each side's model FLOP/s as a fraction of that peak and the fraction that
+1.3x diffusers would need (for DiT, diffusers' per-block (t, y) embeddings are extra work on
+its side that the count leaves out).
 """
 
 from __future__ import annotations
@@ -85,6 +91,25 @@ def bench_jaxdiff(model_name: str, repeats: int, warmup: int, batch: int = BATCH
                            repeats=repeats, warmup=warmup)
     n_params = int(sum(np.prod(p.shape) for p in leaves))
     return dict(t, images_per_s=batch / t["median_s"], params=n_params)
+
+
+def model_flops_per_eval(model_name: str, batch: int = BATCH, dtype: str = "float32") -> float:
+    """Model FLOPs of one network evaluation on ``batch`` inputs: XLA's cost analysis of the
+    network as defined (``conv_impl="xla"``: direct convolutions, nearest upsampling then a 3x3
+    conv; the CPU default's sub-pixel upsampling executes fewer), compiled on abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.modeling import build_model, data_shape, num_classes
+
+    config = jaxdiff_config(model_name, conv_impl="xla", dtype=dtype)
+    model = build_model(config)
+    x = jax.ShapeDtypeStruct((batch,) + data_shape(config), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch,), jnp.int32) if num_classes(config) else None
+    params = jax.eval_shape(lambda k, x, t, y: model.init(k, x, t, y), jax.random.PRNGKey(0), x, t, y)
+    fn = jax.jit(lambda p, x, t, y: model.apply(p, x, t, y))
+    return common.compiled_flops(fn.lower(params, x, t, y).compile())
 
 
 def bench_diffusers(model_name: str, repeats: int, warmup: int, batch: int = BATCH,
@@ -152,9 +177,16 @@ def main(argv=None):
                          "shards of the batch on the same cores; sets XLA_FLAGS before jax "
                          "is imported); default: the environment's")
     common.add_precision_args(ap)
+    ap.add_argument("--roofline", action="store_true",
+                    help="also measure jax's float32 matmul peak (4096^2) and count the model "
+                         "FLOPs, and print each side's model FLOP/s as a fraction of that peak, "
+                         "with the fraction 1.3x diffusers would need")
     ap.add_argument("--json", default=None, help="append the JSON lines to this file")
     args = ap.parse_args(argv)
     common.set_cpu_devices(args.cpu_devices)
+    peak = None
+    if args.roofline:
+        peak = common.matmul_peak_jax(4096, 3)
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in ("unet", "dit"):
@@ -174,7 +206,13 @@ def main(argv=None):
                                               if name == "dit" else ""))
         ratio = jx["images_per_s"] / th["images_per_s"]
         common.log(f"[{name}] ratio jaxdiff / diffusers (images/s): {ratio:.2f}x (target >= 1.3x)")
-        common.emit(dict(benchmark="sampling_vs_diffusers", model=name, sampler="dpmpp_2m",
+        roof = None
+        if peak is not None:
+            per_eval = model_flops_per_eval(name, args.batch, args.dtype)
+            roof = common.roofline(name, STEPS * per_eval,
+                                   {"jaxdiff": jx["median_s"], "diffusers": th["median_s"]},
+                                   peak, "diffusers", 1.3)
+        common.emit(dict(roofline=roof, benchmark="sampling_vs_diffusers", model=name, sampler="dpmpp_2m",
                          steps=STEPS, batch=args.batch, dtype=args.dtype,
                          cpu_devices=args.cpu_devices, jaxdiff=jx, diffusers=th,
                          params_equal=th["params"] == jx["params"], ratio_jaxdiff_over_diffusers=ratio,

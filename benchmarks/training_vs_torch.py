@@ -20,7 +20,11 @@ trains jaxdiff's UNet with ``dtype=bfloat16`` and PyTorch's under ``torch.autoca
 (float32 parameters, optimizer state and loss on both sides).
 
     python benchmarks/training_vs_torch.py [--batch 32] [--repeats 5] [--conv-impl auto]
-        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda]
+        [--dtype float32|bfloat16] [--torch-device auto|cpu|cuda] [--roofline]
+
+``--roofline`` (after the timings) counts the step's model FLOPs as ``mfu.py`` does, measures
+jax's float32 4096^2 matmul, and prints both sides' model FLOP/s as fractions of that peak and
+the fraction 1.2x PyTorch would need.
 """
 
 from __future__ import annotations
@@ -139,6 +143,10 @@ def main(argv=None):
     ap.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
     common.add_precision_args(ap)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also measure jax's float32 matmul peak (4096^2) and count the step's "
+                         "model FLOPs, and print each side's model FLOP/s as a fraction of that "
+                         "peak, with the fraction 1.2x PyTorch would need")
     ap.add_argument("--json", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
 
@@ -161,6 +169,16 @@ def main(argv=None):
         result["ratio_jaxdiff_over_torch"] = jx["steps_per_s"] / th["steps_per_s"]
         common.log(f"ratio jaxdiff / torch (steps/s): {result['ratio_jaxdiff_over_torch']:.2f}x "
                    f"(target >= 1.2x)")
+        if args.roofline:
+            # model FLOPs: those of the network as defined, i.e. of the conv_impl="xla" step (as mfu.py)
+            ref_fn, ref_state, ref_data, _ = jaxdiff_train_step(
+                args.batch, "xla", dict(common.UNET, conv_impl="xla", dtype=args.dtype))
+            flops = common.compiled_flops(ref_fn.lower(ref_state, ref_data).compile())
+            del ref_fn, ref_state, ref_data
+            peak = common.matmul_peak_jax(4096, 3)
+            result["roofline"] = common.roofline(
+                "train step", flops, {"jaxdiff": jx["median_s"], "torch": th["median_s"]}, peak,
+                "torch", 1.2)
     result["load_avg_end"] = common.load_average()
     common.emit(result, args.json)
 
