@@ -36,17 +36,32 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over ``devices`` (default: all devices)."""
+    """A ("data", "fsdp") mesh over ``devices`` (default: all devices).
+
+    ``-1`` is "all the devices the other axis leaves"; ``fsdp=-1`` with ``data=-1`` (the config
+    default) puts every device on ``fsdp`` (``data=1``). The devices are laid out row by row in
+    ``jax.devices()`` order (process by process), so an ``fsdp`` group sits within a host when
+    ``fsdp`` divides the local device count, and ``data`` runs across hosts.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    for axis, v in (("data", data), ("fsdp", fsdp)):
+        if not isinstance(v, (int, np.integer)) or v == 0 or v < -1:
+            raise ValueError(f"mesh.{axis} must be a positive device count or -1 (all the rest), got {v!r}")
     if data == -1 and fsdp == -1:
-        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+        data = 1
+    for axis, v, other in (("data", data, "fsdp"), ("fsdp", fsdp, "data")):
+        if v > n or (v != -1 and n % v):
+            raise ValueError(f"mesh.{axis}={v} does not divide the {n} device(s) this run sees; set "
+                             f"--config.mesh.{axis} to a divisor of {n} (e.g. when resuming on fewer devices: "
+                             "checkpoints restore onto any mesh)")
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but this run sees {n}; "
+                         "set one of --config.mesh.data / --config.mesh.fsdp to -1 (all the rest)")
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 
@@ -71,14 +86,15 @@ def _path_str(path) -> str:
 
 
 def param_partition_spec(path: str, shape: Sequence[int], fsdp: int, *, rules=(),
-                         min_size: int = MIN_SHARD_SIZE) -> P:
+                         min_size: int = MIN_SHARD_SIZE, data: int = 1) -> P:
     """The PartitionSpec of one state array under an ``fsdp``-way split.
 
     ``rules``: ``(regex, spec)`` pairs tried in order against ``path`` (e.g.
     ``("params/.*/kernel", (None, None, None, "fsdp"))`` splits conv kernels on the output
     channels); a spec entry is ``"fsdp"``, ``"data"`` or ``None``, and a rule applies only when
-    the named axis divides that dimension. Otherwise: the largest dimension divisible by
-    ``fsdp`` (ties: the last), or replicated when there is none or the array is small.
+    each named axis (of size ``fsdp`` / ``data``) divides its dimension. Otherwise: the largest
+    dimension divisible by ``fsdp`` (ties: the last), or replicated when there is none or the
+    array is small.
     """
     shape = tuple(int(d) for d in shape)
     if fsdp <= 1 or not shape or int(np.prod(shape)) < min_size:
@@ -86,7 +102,9 @@ def param_partition_spec(path: str, shape: Sequence[int], fsdp: int, *, rules=()
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = tuple(spec)
-            if len(spec) == len(shape) and all(a is None or d % fsdp == 0 for a, d in zip(spec, shape)):
+            sizes = {"fsdp": fsdp, "data": data}
+            if len(spec) == len(shape) and all(a is None or (a in sizes and d % sizes[a] == 0)
+                                               for a, d in zip(spec, shape)):
                 return P(*spec)
     best = None
     for i, d in enumerate(shape):
@@ -104,11 +122,11 @@ def state_shardings(abstract_state, mesh: Mesh, *, rules=(), min_size: int = MIN
     per leaf. Because the rule looks only at path and shape, Adam's moments and the EMA copies
     get the same layout as the params they track.
     """
-    fsdp = int(mesh.shape["fsdp"])
+    fsdp, data = int(mesh.shape["fsdp"]), int(mesh.shape["data"])
 
     def one(path, leaf):
         spec = param_partition_spec(_path_str(path), getattr(leaf, "shape", ()), fsdp, rules=rules,
-                                    min_size=min_size)
+                                    min_size=min_size, data=data)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)
@@ -118,9 +136,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None, local_device_ids=None, *, force: bool = False) -> bool:
     """Start JAX's multi-controller runtime if this is a multi-process launch; True if it did.
 
-    Explicit arguments win; otherwise ``jax.distributed.initialize()`` finds the cluster itself
-    on TPU pods, SLURM and Open MPI, or from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
-    / ``JAX_PROCESS_ID``; ``force=True`` (``jaxdiff --multihost``) calls it with no arguments and
+    Explicit arguments win; then the environment variables ``JAX_COORDINATOR_ADDRESS`` (which
+    alone starts a multi-process run), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here:
+    jax itself reads only the address); otherwise ``jax.distributed.initialize()`` finds the
+    cluster itself on TPU pods, SLURM and Open MPI; ``force=True`` (``jaxdiff --multihost``) calls it with no arguments and
     lets JAX detect the cluster. A single-process run (none of these set) does nothing. On CPU the
     cross-process collectives use gloo (``jax_cpu_collectives_implementation``, the default).
     """
@@ -137,6 +156,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         kwargs["process_id"] = int(process_id)
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
+    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and env.get(var, "") != "":
+            try:
+                kwargs[key] = int(env[var])
+            except ValueError:
+                raise ValueError(f"{var}={env[var]!r} is not an integer") from None
     jax.distributed.initialize(**kwargs)
     return True
 

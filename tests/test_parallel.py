@@ -48,12 +48,50 @@ def test_state_shardings_gives_moments_the_params_layout():
     assert mu and all(specs[k] == specs["params/a"] for k in mu)
 
 
-def test_make_mesh_errors():
-    n = jax.device_count()
-    with pytest.raises(ValueError, match="at most one"):
-        parallel.make_mesh(-1, -1)
-    with pytest.raises(ValueError, match="does not cover"):
-        parallel.make_mesh(n + 1, 1)
+def test_make_mesh_axes_and_errors():
+    # validation needs no real devices: four entries of the one CPU device stand for four devices
+    four = [jax.devices()[0]] * 4
+    # fsdp=-1 with the config's default data=-1: every device on fsdp (the docs' table row)
+    assert dict(parallel.make_mesh(-1, -1, devices=four).shape) == {"data": 1, "fsdp": 4}
+    assert dict(parallel.make_mesh(-1, 2, devices=four).shape) == {"data": 2, "fsdp": 2}
+    # resuming an fsdp=8 run on 4 devices: says what to set
+    with pytest.raises(ValueError, match=r"mesh.fsdp=8 does not divide the 4 device\(s\).*--config.mesh.fsdp"):
+        parallel.make_mesh(-1, 8, devices=four)
+    with pytest.raises(ValueError, match="mesh.data=3 does not divide"):
+        parallel.make_mesh(3, 1, devices=four)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"mesh.fsdp must be a positive device count or -1.*got {bad}"):
+            parallel.make_mesh(-1, bad, devices=four)
+    with pytest.raises(ValueError, match="data=2 x fsdp=4 = 8 devices, but this run sees 4"):
+        parallel.make_mesh(2, 4, devices=four)
+
+
+def test_rules_naming_data_check_the_data_axis_size():
+    rules = (("kernel", ("data", None)),)
+    # data=4 does not divide 6: the rule falls through to the default (fsdp=2 divides 1024)
+    assert parallel.param_partition_spec("params/kernel", (6, 1024), 2, rules=rules, data=4) == P(None, "fsdp")
+    assert parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=rules, data=4) == P("data", None)
+    # an axis name that is not a mesh axis never matches
+    assert parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=(("kernel", ("model", None)),)) == \
+        P(None, "fsdp")
+
+
+def test_initialize_distributed_reads_the_process_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert parallel.initialize_distributed() is False and calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert parallel.initialize_distributed() is True
+    assert calls[-1] == {"num_processes": 2, "process_id": 1}  # jax reads the address itself
+    assert parallel.initialize_distributed(process_id=0) is True
+    assert calls[-1] == {"num_processes": 2, "process_id": 0}  # explicit arguments win
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
+        parallel.initialize_distributed()
 
 
 def test_memory_estimate_divides_by_fsdp():

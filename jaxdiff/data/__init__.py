@@ -74,6 +74,15 @@ def _get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
+def _label_key(data_cfg: Any) -> str | None:
+    """``data.label_key``: "label" when the key is absent; ``None`` or ``""`` (no labels) kept."""
+    try:
+        value = data_cfg["label_key"]
+    except (KeyError, AttributeError, TypeError):
+        value = getattr(data_cfg, "label_key", "label")
+    return str(value) if value else None
+
+
 def make_source(data_cfg: Any, split: str = "train"):
     """Builds a source from a data config (Mapping or ConfigDict) with key ``name``. The keys
     read below are ``config.data`` keys of :func:`jaxdiff.config_base.base_config`, with these
@@ -84,7 +93,8 @@ def make_source(data_cfg: Any, split: str = "train"):
     * ``"toy2d"``: :class:`Toy2DSource` (reads ``toy`` = "gmm8", ``num_points`` = 65536,
       ``seed`` = 0); ``split`` in {"train", "test"}.
     * ``"tfds"``: :class:`TfdsSource` (reads ``tfds_name`` (required), ``data_dir`` = None,
-      ``image_key`` = "image", ``label_key`` = "label"); ``split`` is any TFDS split string.
+      ``image_key`` = "image", ``label_key`` = "label": read if the dataset has it; another name
+      must exist; ``""`` reads no labels); ``split`` is any TFDS split string.
     * ``"image_folder"``: :class:`ImageFolderSource` over ``<image_folder>/<split>`` (or
       ``image_folder`` itself for "train"; reads ``image_folder`` (required), ``image_size``,
       ``channels`` = 3): images cropped as ADM / DiT crop ImageNet, labels from the class folders.
@@ -111,7 +121,7 @@ def make_source(data_cfg: Any, split: str = "train"):
             split=split,
             data_dir=_get(data_cfg, "data_dir", None) or None,
             image_key=str(_get(data_cfg, "image_key", "image")),
-            label_key=_get(data_cfg, "label_key", "label"),
+            label_key=_label_key(data_cfg),
         )
     if name == "image_folder":
         from jaxdiff.data.images import image_folder_split

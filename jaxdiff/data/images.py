@@ -32,6 +32,23 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 """File extensions read by :class:`ImageFolderImages` (torchvision's list; compared lower-cased)."""
 
 
+def to_rgb_image(image: Any):
+    """A PIL image as an 8-bit RGB PIL image, as ``ImageFolder``'s loader (``convert("RGB")``)
+    does, except for 16- and 32-bit integer grayscale (modes ``I;16*`` / ``I``, e.g. 16-bit PNGs),
+    which Pillow's conversion clips at 255 (a 0..65535 ramp comes out almost white): those are
+    scaled from 0..65535 to 0..255 first. Float images (mode ``F``) have no fixed range: refused.
+    Always a new image (safe to keep after the file is closed)."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ValueError("float (mode 'F') images have no unambiguous range; convert them to 8- or 16-bit first")
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I;16N", "I" (int32)
+        arr = np.asarray(image).astype(np.int64)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr, "L")
+    return image.convert("RGB")
+
+
 def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
     """ADM's centre crop of a PIL image (or an array) to ``(image_size, image_size, 3)`` uint8.
 
@@ -41,7 +58,8 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
     3. Take the centre ``image_size`` square, offsets ``(side - image_size) // 2``.
 
     Images with another mode than RGB (grayscale, RGBA, palette) are converted first, as
-    ``ImageFolder``'s loader does (``convert("RGB")``).
+    ``ImageFolder``'s loader does (``convert("RGB")``; 16-bit grayscale scaled to 8 bits:
+    :func:`to_rgb_image`).
     """
     from PIL import Image
 
@@ -50,7 +68,7 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(to_rgb_uint8(image))
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = to_rgb_image(image)
     while min(image.size) >= 2 * image_size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = image_size / min(image.size)
@@ -115,7 +133,7 @@ class ImageFolderImages:
         from PIL import Image
 
         with Image.open(self.paths[i]) as im:
-            return im.convert("RGB"), int(self.labels[i])
+            return to_rgb_image(im), int(self.labels[i])
 
     def describe(self) -> dict:
         import hashlib
@@ -128,21 +146,19 @@ class ImageFolderImages:
 class TfdsImages:
     """Images of a prepared TFDS dataset split (``tfds.data_source``, no TensorFlow needed).
 
-    ``image_key`` names a uint8 image feature; ``label_key`` an integer one (labels are 0 when
-    the dataset has no such feature)."""
+    ``image_key`` names a uint8 image feature; ``label_key`` an integer one, with the rules of
+    :func:`jaxdiff.data.tfds_source.check_features` (the default "label" is read when present,
+    labels are 0 otherwise; another name must exist; ``None`` / ``""`` reads none)."""
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                  image_key: str = "image", label_key: str | None = "label"):
-        from jaxdiff.data.tfds_source import open_data_source
+        from jaxdiff.data.tfds_source import check_features, open_data_source
 
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key = image_key, label_key
         self._source = open_data_source(name, split=split, data_dir=data_dir)
         features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        keys = list(features.keys()) if features is not None else None
-        if keys is not None and image_key not in keys:
-            raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}")
-        self._has_label = label_key is not None and (keys is None or label_key in keys)
+        self._has_label = check_features(name, features, image_key, label_key)
         self.num_classes = None
         if self._has_label and features is not None:
             self.num_classes = getattr(features[label_key], "num_classes", None)
@@ -196,7 +212,7 @@ class ImageFolderSource:
         from PIL import Image
 
         with Image.open(self.images.paths[i]) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.image_size)
+            arr = center_crop_arr(im, self.image_size)
         if self.channels == 1:
             arr = np.asarray(Image.fromarray(arr).convert("L"))[..., None]
         return arr

@@ -94,9 +94,12 @@ class LatentSource:
             raise ValueError(f"latent dataset {d!r}: mean.npy {self._mean.shape} / label.npy {self._label.shape} "
                              f"do not match meta.json ({want})")
         self.scaling_factor = float(self.meta["scaling_factor"])
-        declared = (self.meta.get("settings") or {}).get("source", {}).get("num_classes")
+        source = (self.meta.get("settings") or {}).get("source", {})
+        declared = source.get("num_classes")
         self.num_classes = int(declared) if declared else int(self._label.max()) + 1 if n else 0
         """Classes of the source dataset (its declared count, else the largest label + 1)."""
+        self.has_labels = not (source.get("kind") == "tfds" and source.get("label_key") is None)
+        """False for latents of an unlabelled TFDS dataset (their labels are all 0)."""
 
     def __len__(self) -> int:
         return self.num_images * self.num_views

@@ -138,12 +138,51 @@ def open_data_source(name: str, split: str = "train", data_dir: str | None = Non
         raise
 
 
+DEFAULT_LABEL_KEY = "label"
+"""The label feature read when present: a dataset without it is unlabelled (labels 0)."""
+
+
+def check_features(name: str, features, image_key: str, label_key: str | None) -> bool:
+    """Check ``image_key`` / ``label_key`` against a TFDS dataset's features; True if labels are read.
+
+    A missing ``image_key`` is an error. ``label_key``: ``None`` or ``""`` reads no labels; the
+    default :data:`DEFAULT_LABEL_KEY` is read when the dataset has it (unlabelled datasets need no
+    setting); any other name must exist (a misspelt key is an error, not silently zero labels).
+    When the features are unknown (no ``dataset_info``), the keys are trusted."""
+    keys = list(features.keys()) if features is not None else None
+    if keys is not None and image_key not in keys:
+        raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}")
+    if not label_key:
+        return False
+    if keys is None or label_key in keys:
+        return True
+    if label_key == DEFAULT_LABEL_KEY:
+        return False
+    raise KeyError(f"TFDS dataset {name!r} has no label feature {label_key!r}; features: {keys} "
+                   "(set config.data.label_key to one of them, or to '' for an unlabelled dataset)")
+
+
+def check_fixed_image_shape(name: str, features, image_key: str) -> None:
+    """Refuse an image feature of varying size (declared shape with ``None``, e.g. ImageNet's
+    ``(None, None, 3)``): batches are stacked as stored, so they would fail at the first batch."""
+    if features is None:
+        return
+    shape = getattr(features[image_key], "shape", None)
+    if shape is not None and any(d is None for d in tuple(shape)[:2]):
+        raise ValueError(
+            f"TFDS dataset {name!r}'s feature {image_key!r} has images of varying size (declared shape "
+            f"{tuple(shape)}); the TFDS source trains on images as stored. Crop them to one size: "
+            "train from an image folder (data.name='image_folder' centre-crops as ADM / DiT do), or "
+            "encode them to latents with `jaxdiff encode` (which crops TFDS images) and train on those")
+
+
 class TfdsSource:
     """Source over a prepared TFDS dataset split with batched random access.
 
     ``__getitem__(indices)`` returns ``{"image": float32 (n, H, W, C), "label": int32 (n,)}``:
-    integer images mapped to [-1, 1], float features as stored (:func:`to_unit_range`); labels
-    are zeros when the dataset has no ``label_key``.
+    integer images mapped to [-1, 1], float features as stored (:func:`to_unit_range`). Labels:
+    see :func:`check_features` (zeros for an unlabelled dataset, ``has_labels`` False); images of
+    varying size are refused (:func:`check_fixed_image_shape`).
     """
 
     def __init__(
@@ -162,14 +201,13 @@ class TfdsSource:
         self._source = open_data_source(name, split=split, data_dir=data_dir)
         self._len = len(self._source)
         features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        keys = list(features.keys()) if features is not None else None
-        if keys is not None and image_key not in keys:
-            raise KeyError(
-                f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}"
-            )
-        self._has_label = label_key is not None and (keys is None or label_key in keys)
+        self._has_label = check_features(name, features, image_key, label_key)
+        self.has_labels = self._has_label
         # the label feature's class count (tfds ClassLabel), which the trainer checks the model against
-        self.num_classes = getattr(features[label_key], "num_classes", None) if self._has_label and keys else None
+        self.num_classes = (getattr(features[label_key], "num_classes", None)
+                            if self._has_label and features is not None else None)
+        check_fixed_image_shape(name, features, image_key)
+        self._batched_read = True
 
     @property
     def data_source(self):
@@ -180,9 +218,15 @@ class TfdsSource:
         return self._len
 
     def _read(self, indices: list[int]) -> list[Any]:
-        getitems = getattr(self._source, "__getitems__", None)
+        getitems = getattr(self._source, "__getitems__", None) if self._batched_read else None
         if getitems is not None:
-            return list(getitems(indices))
+            try:
+                return list(getitems(indices))
+            except TypeError:
+                # tfds 4.9.10's tfds.testing.mock_data replaces the batched read with a function
+                # missing an argument (TypeError: _getitems() missing ... 'record_keys'): read
+                # record by record from then on (a genuine record error raises again below)
+                self._batched_read = False
         return [self._source[i] for i in indices]
 
     def __getitem__(self, indices: Any) -> dict[str, np.ndarray]:

@@ -222,9 +222,15 @@ def check_data_labels(config, source) -> None:
     """A class-conditional model needs at least as many classes as the dataset has: label
     ``num_classes`` is the null class of classifier-free guidance, larger ones index past the table.
     Checked for sources that know their class count (in-memory arrays such as digits and toy2d:
-    largest label + 1; image folders; latent datasets; TFDS ClassLabel features)."""
+    largest label + 1; image folders; latent datasets; TFDS ClassLabel features); and a source
+    without labels (``has_labels`` False: a TFDS dataset without the label feature) is refused
+    for a class-conditional model, which would otherwise learn from all-zero labels."""
     have = getattr(source, "num_classes", None)
     n = num_classes(config)
+    if n and getattr(source, "has_labels", True) is False:
+        raise ValueError(f"config.model.num_classes={n} (class-conditional) but the dataset {source!r} has no "
+                         "labels (TFDS: no feature config.data.label_key); set --config.model.num_classes=0 "
+                         "for an unconditional model, or name the label feature with --config.data.label_key")
     if n and have and int(have) > n:
         raise ValueError(f"the dataset has {have} classes but config.model.num_classes={n}: set "
                          f"--config.model.num_classes={have} (label {n} is the null class of guidance)")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff.data.images import ImageFolderImages, center_crop_arr, to_rgb_uint8
+from jaxdiff.data.images import ImageFolderImages, ImageFolderSource, center_crop_arr, to_rgb_image, to_rgb_uint8
 
 
 def _random_rgb(h, w, seed=0):
@@ -49,6 +49,23 @@ def test_to_rgb_uint8_refuses_float_images():
     assert to_rgb_uint8(np.zeros((4, 4), np.uint8)).shape == (4, 4, 3)
     with pytest.raises(ValueError, match="uint8"):
         to_rgb_uint8(np.zeros((4, 4, 3), np.float32))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    # Pillow's convert("RGB") clips 16-bit values at 255: a 0..65535 ramp came out almost white
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "a" / "ramp16.png")
+    with Image.open(tmp_path / "a" / "ramp16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb_image(im))
+    want = np.rint(ramp / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(rgb, np.repeat(want[..., None], 3, axis=-1))
+    img = ImageFolderSource(str(tmp_path), image_size=16)[np.array([0])]["image"][0]
+    np.testing.assert_allclose(img[..., 0], want / 127.5 - 1.0, atol=1e-6)
+    assert img.min() == -1.0 and abs(img.mean()) < 0.02  # the ramp's mean, not ~1 (white)
+    with pytest.raises(ValueError, match="mode 'F'"):
+        to_rgb_image(Image.fromarray(np.zeros((2, 2), np.float32)))
 
 
 def test_image_folder_follows_torchvision_order_and_labels(tmp_path):

@@ -5,7 +5,7 @@ Two complementary setups:
 * ``tfds.testing.mock_data`` drives ``tfds.data_source("mnist")`` with random fake records
   (registered dataset metadata, no files). tfds 4.9.10's mock installs ``__getitems__`` as an
   unbound ``functools.partial`` on a MagicMock, so batched reads fail with a TypeError inside
-  tfds; the ``mock_tfds`` fixture patches that helper (``_getitems``) before mocking.
+  tfds; ``TfdsSource`` then reads record by record, which these tests exercise (unpatched).
 * A tiny real dataset is generated on disk in the array_record format with a
   ``tfds.core.GeneratorBasedBuilder`` (PIL images, so encoding needs no TensorFlow) and is read
   back through the real ``tfds.data_source`` / ArrayRecord / PIL decoding path, as a prepared
@@ -24,9 +24,11 @@ from jaxdiff.data import (  # noqa: E402
     batch_iterator,
     make_source,
 )
+from jaxdiff.data.images import TfdsImages  # noqa: E402
 
 TINY = "jaxdiff_test_tiny"
 TINY_UNLABELED = "jaxdiff_test_unlabeled"
+TINY_VARSIZE = "jaxdiff_test_varsize"
 
 
 def _tiny_examples(n, shape, seed):
@@ -89,7 +91,25 @@ def _build_tiny_datasets(data_dir):
                 for i in range(n):
                     yield i, {"image": pil(images[i])}
 
-    for cls in (JaxdiffTestTiny, JaxdiffTestUnlabeled):
+        class JaxdiffTestVarsize(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+            code_path = None
+
+            def _info(self):
+                return tfds.core.DatasetInfo(
+                    builder=self, disable_shuffling=True,
+                    features=tfds.features.FeaturesDict({
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "label": tfds.features.ClassLabel(num_classes=2)}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i, shape in enumerate([(8, 8, 3), (10, 8, 3)]):
+                    yield i, {"image": pil(np.zeros(shape, np.uint8)), "label": i}
+
+    for cls in (JaxdiffTestTiny, JaxdiffTestUnlabeled, JaxdiffTestVarsize):
         cls(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
@@ -101,14 +121,7 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def mock_tfds(monkeypatch):
-    from tensorflow_datasets.testing import mocking
-
-    def _getitems(*args, generator, serialized=False):
-        del serialized
-        return [generator[int(k)] for k in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", _getitems)
+def mock_tfds():
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         yield
 
@@ -136,9 +149,45 @@ def test_unlabeled_grayscale_gives_zero_labels(tiny_dir):
     np.testing.assert_allclose(batch["image"], images / 127.5 - 1.0, atol=1e-6)
     np.testing.assert_array_equal(batch["label"], np.zeros(7, np.int32))
     assert batch["label"].dtype == np.int32
-    assert src.num_classes is None
+    assert src.num_classes is None and src.has_labels is False
     with pytest.raises(KeyError, match="pixels"):
         TfdsSource(TINY_UNLABELED, data_dir=tiny_dir, image_key="pixels")
+
+
+def test_label_key_rules(tiny_dir):
+    # a misspelt label feature is an error naming the features, not silently zero labels
+    with pytest.raises(KeyError, match=r"no label feature 'lable'.*\['image', 'label'\]"):
+        TfdsSource(TINY, data_dir=tiny_dir, label_key="lable")
+    with pytest.raises(KeyError, match="'lable'"):
+        TfdsImages(TINY, data_dir=tiny_dir, label_key="lable")
+    # "" (or None) reads no labels, also from the config
+    src = make_source({"name": "tfds", "tfds_name": TINY, "data_dir": tiny_dir, "label_key": ""})
+    assert src.has_labels is False and src.num_classes is None
+    np.testing.assert_array_equal(src[np.arange(12)]["label"], np.zeros(12, np.int32))
+    src = make_source({"name": "tfds", "tfds_name": TINY, "data_dir": tiny_dir, "label_key": None})
+    assert src.has_labels is False
+    assert make_source({"name": "tfds", "tfds_name": TINY, "data_dir": tiny_dir}).has_labels is True
+
+
+def test_class_conditional_model_refuses_unlabeled_data(tiny_dir):
+    from jaxdiff.config_base import base_config
+    from jaxdiff.train.loop import check_data_labels
+
+    config = base_config()
+    config.model.num_classes = 3
+    with pytest.raises(ValueError, match="has no labels"):
+        check_data_labels(config, TfdsSource(TINY_UNLABELED, data_dir=tiny_dir))
+    check_data_labels(config, TfdsSource(TINY, data_dir=tiny_dir))
+    config.model.num_classes = 0
+    check_data_labels(config, TfdsSource(TINY_UNLABELED, data_dir=tiny_dir))
+
+
+def test_images_of_varying_size_are_refused_up_front(tiny_dir):
+    with pytest.raises(ValueError, match=r"varying size.*\(None, None, 3\).*image_folder.*jaxdiff encode"):
+        TfdsSource(TINY_VARSIZE, data_dir=tiny_dir)
+    # the encoder crops each image, so it reads them
+    images = TfdsImages(TINY_VARSIZE, data_dir=tiny_dir)
+    assert [images.read(i)[0].shape for i in range(2)] == [(8, 8, 3), (10, 8, 3)]
 
 
 def test_batch_iterator_over_real_tfds(tiny_dir):
