@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxdiff import compile_options, guidance, parallel, samplers
 from jaxdiff.config_base import check_sample_vae
+from jaxdiff.parameterization import check_x0_recoverable
 from jaxdiff.modeling import (build_process, conditional_denoiser, data_shape, denoiser, learns_variance, null_labels,
                               num_classes)
 from jaxdiff.schedules import make_grid
@@ -148,6 +149,8 @@ def _grid_and_options(config, process, sampler: str, num_steps: int, grid_kind, 
     ``config.sample.grid``; ``ddpm`` / ``ddim`` clipping and ``ddpm``'s variance from the config."""
     sc = config.get("sample") or {}
     grid = make_grid(process, int(num_steps), grid_kind or sc.get("grid") or None)
+    check_x0_recoverable(config.diffusion.prediction, process, float(grid.t[0]),
+                         " (the first time of the sampling grid)")
     options = dict(options)
     clip = float(sc.get("clip_denoised", 0.0) or 0.0)
     if clip > 0 and sampler in ("ddpm", "ddim"):

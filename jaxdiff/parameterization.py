@@ -28,6 +28,7 @@ from jaxdiff.processes import Process
 
 __all__ = [
     "PREDICTIONS",
+    "check_x0_recoverable",
     "to_x0",
     "from_x0",
     "convert",
@@ -94,6 +95,30 @@ def from_x0(prediction: str, x0, x, t, process: Process):
         return -eps / s
     da, ds = process.derivatives(t)
     return _bcast(da, x) * x0 + _bcast(ds, x) * eps
+
+
+def check_x0_recoverable(prediction: str, process: Process, t: float, where: str = "") -> None:
+    """Refuse a time ``t`` at which a ``prediction`` output determines no x0 (:func:`to_x0` would
+    be infinite there, and a sampler starting there returns NaN): ``epsilon`` / ``score`` where
+    alpha = 0 (x0 = (x - sigma eps) / alpha: zero-terminal-SNR chains at t_max, flows at t = 1),
+    and ``velocity`` where alpha' sigma = alpha sigma' (the zero-terminal-SNR DDPM chain's last
+    interval, where alpha = 0 throughout). ``v_prediction``, ``sample`` and ``edm`` are finite
+    everywhere."""
+    _check(prediction)
+    t = jnp.asarray([t], jnp.float32)
+    a = float(process.alpha(t)[0])
+    if prediction in ("epsilon", "score") and a == 0.0:
+        bad = "alpha = 0 there, so x0 = (x - sigma eps) / alpha is infinite"
+    elif prediction == "velocity":
+        da, ds = process.derivatives(t)
+        if float(da[0] * process.sigma(t)[0] - a * ds[0]) != 0.0:
+            return
+        bad = "alpha = 0 on the whole interval, so the velocity carries no information about x0"
+    else:
+        return
+    raise ValueError(f"prediction {prediction!r} gives no x0 at t = {float(t[0]):g}{where}: {bad}. Start the grid "
+                     "where alpha > 0 (e.g. a 'leading' or 'linspace' grid, or a smaller t_max), or train with "
+                     "v_prediction or sample, which are finite there")
 
 
 def convert(out, x, t, process: Process, src: str, dst: str):

@@ -197,7 +197,11 @@ class DiscreteVP(Process):
         finite = np.isfinite(table)
         xs = jnp.asarray(table[finite][::-1], jnp.float32)  # increasing logsnr
         ts = jnp.asarray(np.arange(len(table))[finite][::-1], jnp.float32)
-        return jnp.interp(jnp.asarray(logsnr, jnp.float32), xs, ts)
+        logsnr = jnp.asarray(logsnr, jnp.float32)
+        t = jnp.interp(logsnr, xs, ts)
+        if not finite[-1]:  # zero-terminal SNR: log-SNR -inf is t_max (alpha = 0), not the last finite entry
+            t = jnp.where(logsnr == -jnp.inf, self.t_max, t)
+        return t
 
     def derivatives(self, t):
         """(d alpha/dt, d sigma/dt) of the interpolated chain (for velocity outputs).
@@ -326,12 +330,22 @@ class VPCosine(Process):
         return jnp.cos(self._phi(t)) / math.cos(self.s / (1 + self.s) * math.pi / 2)
 
     def sigma(self, t):
-        return jnp.sqrt(jnp.clip(1.0 - self.alpha(t) ** 2, 0.0, 1.0))
+        # sigma^2 = 1 - cos^2(phi) / cos^2(phi0) = sin(d) sin(d + 2 phi0) / cos^2(phi0), d = phi - phi0
+        # computed from t: no cancellation near t = 0, where 1 - alpha^2 rounds to 0 in float32
+        # (sigma(1e-6) = 2.0e-4, not 0; relative error ~1e-7 instead of 4e-2 at t = 1e-5).
+        phi0 = self.s / (1.0 + self.s) * math.pi / 2
+        d = jnp.asarray(t, jnp.float32) / (1.0 + self.s) * (jnp.pi / 2)
+        s2 = jnp.sin(d) * jnp.sin(d + 2.0 * phi0) / math.cos(phi0) ** 2
+        return jnp.sqrt(jnp.clip(s2, 0.0, 1.0))
 
     def t_from_logsnr(self, logsnr):
-        alpha = jnp.sqrt(jax.nn.sigmoid(jnp.asarray(logsnr, jnp.float32)))
-        phi = jnp.arccos(alpha * math.cos(self.s / (1 + self.s) * math.pi / 2))
-        return phi * 2.0 / jnp.pi * (1.0 + self.s) - self.s
+        # Solve sin(d) sin(d + 2 phi0) = c := sigma^2 cos^2(phi0), sigma^2 = sigmoid(-logsnr), for
+        # tan(d): x^2 (cos 2phi0 - c) + x sin 2phi0 - c = 0, in the root form without cancellation.
+        phi0 = self.s / (1.0 + self.s) * math.pi / 2
+        c = jax.nn.sigmoid(-jnp.asarray(logsnr, jnp.float32)) * math.cos(phi0) ** 2
+        s2p, c2p = math.sin(2 * phi0), math.cos(2 * phi0)
+        x = 2.0 * c / (s2p + jnp.sqrt(jnp.maximum(s2p**2 + 4.0 * c * (c2p - c), 0.0)))  # 0 at alpha = 0
+        return jnp.arctan(x) * 2.0 / jnp.pi * (1.0 + self.s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,10 +162,11 @@ def check_learned_variance(process: Process, t_density: str = "default", predict
     if t_density != "default":
         raise ValueError(f"diffusion.variance='learned_range' needs diffusion.t_density='default' (integer "
                          f"timesteps: the bound's KL terms are per step), not {t_density!r}")
-    if prediction in ("epsilon", "score") and process.alphas_cumprod[-1] <= 0.0:
+    if prediction in ("epsilon", "score", "velocity") and process.alphas_cumprod[-1] <= 0.0:
         raise ValueError(f"diffusion.variance='learned_range' with prediction {prediction!r} on a zero-terminal-SNR "
-                         "chain: at its last step alpha = 0 and x0_hat = (x - sigma eps) / alpha, which the bound's "
-                         "mean needs, is infinite; use v_prediction (Lin et al. 2024) or sample")
+                         "chain: at its last step alpha = 0 and x0_hat (x0 = (x - sigma eps) / alpha; a velocity "
+                         "there carries no information about x0), which the bound's mean needs, is infinite; use "
+                         "v_prediction (Lin et al. 2024) or sample")
 
 
 def vlb_term(process: DiscreteVP, x0, x_t, t, x0_hat, v=None, *, variance: str = "learned_range",

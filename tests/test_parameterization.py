@@ -226,3 +226,48 @@ def test_edm_preconditioning_is_finite_at_both_ends(proc):
                                    rtol=2e-5, atol=1e-6)
     x_in, t_in = PZ.net_inputs("edm", x, 0.5 * (lo + hi), proc)
     assert np.all(np.isfinite(np.asarray(x_in))) and np.all(np.isfinite(np.asarray(t_in)))
+
+
+def test_times_without_an_x0_are_refused():
+    # alpha = 0: the zero-terminal-SNR chain at t_max, the linear flow at t = 1 (sampling from
+    # there returned all-NaN images for these predictions)
+    zsnr = P.discrete_vp(rescale_betas_zero_snr=True)
+    flow = P.RectifiedFlow()
+    for pred in ("epsilon", "score", "velocity"):
+        with pytest.raises(ValueError, match=f"prediction '{pred}' gives no x0 at t = 999"):
+            PZ.check_x0_recoverable(pred, zsnr, 999.0)
+    with pytest.raises(ValueError, match="velocity carries no information"):
+        PZ.check_x0_recoverable("velocity", zsnr, 998.5)  # alpha = 0 on the whole last interval
+    for pred in ("epsilon", "score"):
+        with pytest.raises(ValueError, match="alpha = 0 there"):
+            PZ.check_x0_recoverable(pred, flow, 1.0)
+    # finite: v / sample / edm everywhere, velocity on the flow at t = 1, every type below t_max
+    for pred in ("v_prediction", "sample", "edm"):
+        PZ.check_x0_recoverable(pred, zsnr, 999.0)
+    PZ.check_x0_recoverable("velocity", flow, 1.0)
+    for pred in PZ.PREDICTIONS:
+        PZ.check_x0_recoverable(pred, zsnr, 998.0)
+        x0 = PZ.to_x0(pred, jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.array([998.0]), zsnr)
+        assert bool(jnp.all(jnp.isfinite(x0))), pred
+
+
+def test_sampling_config_starting_at_alpha_zero_is_refused():
+    from jaxdiff.config_base import base_config
+    from jaxdiff.generate import sample_nfe
+
+    c = base_config()
+    c.diffusion.process = {"name": "discrete_vp", "rescale_betas_zero_snr": True}
+    c.diffusion.prediction = "epsilon"
+    with pytest.raises(ValueError, match="first time of the sampling grid"):
+        sample_nfe(c, "ddim", 10, grid_kind="trailing")
+    assert sample_nfe(c, "ddim", 10, grid_kind="leading") == 10
+    c.diffusion.prediction = "v_prediction"
+    assert sample_nfe(c, "ddim", 10, grid_kind="trailing") == 10
+
+
+def test_learned_variance_refuses_velocity_on_a_zero_snr_chain():
+    from jaxdiff.variance import check_learned_variance
+
+    with pytest.raises(ValueError, match="'velocity' on a zero-terminal-SNR"):
+        check_learned_variance(P.discrete_vp(rescale_betas_zero_snr=True), prediction="velocity")
+    check_learned_variance(P.discrete_vp(rescale_betas_zero_snr=True), prediction="v_prediction")

@@ -306,3 +306,32 @@ def test_processes_are_static_under_jit():
     np.testing.assert_allclose(f(proc, jnp.asarray(10.0)), proc.alpha(10.0))
     g = jax.jit(lambda t: PROCESSES["vp_cosine"].logsnr(t))
     assert np.isfinite(float(g(0.5)))
+
+
+def test_cosine_sigma_and_inverse_near_t0_match_float64():
+    # 1 - alpha^2 rounds to 0 in float32 near t = 0: sigma(1e-6) was 0 (SNR inf), sigma(1e-5)
+    # 4% off, and t_from_sigma_ratio(0.002) (an EDM-size noise level) 2% off
+    p = P.VPCosine()
+    t = np.array([1e-6, 1e-5, 1e-4, 1e-2, 0.5, 0.99], np.float64)
+    phi0 = p.s / (1 + p.s) * np.pi / 2
+    alpha = np.cos((t + p.s) / (1 + p.s) * np.pi / 2) / np.cos(phi0)
+    sigma = np.sqrt(1 - alpha**2)
+    np.testing.assert_allclose(np.asarray(p.sigma(jnp.asarray(t, jnp.float32))), sigma, rtol=2e-6)
+    logsnr = 2 * np.log(alpha / sigma)
+    np.testing.assert_allclose(np.asarray(p.t_from_logsnr(jnp.asarray(logsnr, jnp.float32))), t, rtol=3e-6)
+    r = np.float64(0.002)
+    lo, hi = 0.0, 0.5  # bisection in float64 for sigma / alpha = r
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        a = np.cos((mid + p.s) / (1 + p.s) * np.pi / 2) / np.cos(phi0)
+        lo, hi = (mid, hi) if np.sqrt(1 - a * a) / a < r else (lo, mid)
+    t_ref = (lo + hi) / 2
+    assert float(p.t_from_sigma_ratio(jnp.float32(r))) == pytest.approx(t_ref, rel=1e-5)
+    assert float(p.t_from_logsnr(-jnp.inf)) == pytest.approx(1.0) and float(p.t_from_logsnr(jnp.inf)) == 0.0
+
+
+def test_zero_terminal_snr_inverse_of_minus_infinity_is_t_max():
+    p = P.discrete_vp(rescale_betas_zero_snr=True)
+    assert float(p.t_from_logsnr(-jnp.inf)) == 999.0
+    assert float(p.sigma_ratio(p.t_from_sigma_ratio(jnp.inf))) == np.inf
+    assert float(P.discrete_vp().t_from_logsnr(-jnp.inf)) == 999.0  # clipped to the last entry as before
