@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.params = ""                # "" = first EMA copy; "params" = raw params; or an EMA name
     c.sample.grid = ""                  # time grid kind (schedules.GRID_KINDS); "" = the process's default
     c.sample.clip_denoised = 0.0        # ddpm / ddim: clip x0_hat to +-this (diffusers' clip_sample); 0 = off
+    c.sample.set_alpha_to_one = True    # ddim: the last step lands on clean data; False: on t = 0
+                                        # (alphas_cumprod[0]), as diffusers' DDIMScheduler(set_alpha_to_one=False)
     c.sample.variance = ""              # ddpm's reverse variance: fixed_small | fixed_large | learned_range;
                                         # "" = learned_range if diffusion.variance is, else fixed_small
     c.sample.vae = ""                   # latent models: a local diffusers AutoencoderKL folder whose decoder

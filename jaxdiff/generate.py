@@ -6,6 +6,7 @@ the first reuses the executable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -67,7 +68,9 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
     Classifier-free guidance follows ``config.sample.guidance_*`` (or ``guidance_override``, e.g.
     ``{"scale": 3.0}``); at scale 1 the conditional model runs alone. The time grid is
     ``grid_kind``, else ``config.sample.grid``, else the process's default; ``ddpm`` and ``ddim``
-    clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say).
+    clip x0_hat to ``+-config.sample.clip_denoised`` when it is > 0 (unless ``options`` say), and
+    ``ddim``'s last step lands on t = 0 instead of clean data when ``config.sample.set_alpha_to_one``
+    is False (:func:`end_at_t_min`).
     ``ddpm``'s reverse variance is ``config.sample.variance``, else the learned one for a model
     trained with ``diffusion.variance="learned_range"`` (iDDPM, DiT), else ``fixed_small``; the
     other samplers use the prediction channels only.
@@ -151,6 +154,8 @@ def _grid_and_options(config, process, sampler: str, num_steps: int, grid_kind, 
     grid = make_grid(process, int(num_steps), grid_kind or sc.get("grid") or None)
     check_x0_recoverable(config.diffusion.prediction, process, float(grid.t[0]),
                          " (the first time of the sampling grid)")
+    if sampler == "ddim" and not bool(sc.get("set_alpha_to_one", True)):
+        grid = end_at_t_min(grid)
     options = dict(options)
     clip = float(sc.get("clip_denoised", 0.0) or 0.0)
     if clip > 0 and sampler in ("ddpm", "ddim"):
@@ -160,6 +165,23 @@ def _grid_and_options(config, process, sampler: str, num_steps: int, grid_kind, 
     elif options.get("variance"):
         raise ValueError(f"variance={options['variance']!r} is an option of the ddpm sampler, not of {sampler!r}")
     return grid, options
+
+
+def end_at_t_min(grid):
+    """``grid`` with its final clean point (alpha 1, sigma 0) replaced by the process at t = 0: the
+    last DDIM step of diffusers' ``DDIMScheduler(set_alpha_to_one=False)`` (``final_alpha_cumprod =
+    alphas_cumprod[0]``). With "leading" timesteps, which already end at t = 0, that last step is
+    from t = 0 to t = 0 (for DDIM, x unchanged), as in diffusers."""
+    process = grid.process
+    if not getattr(process, "discrete", False):
+        raise ValueError("sample.set_alpha_to_one=False (diffusers' DDIM final step onto alphas_cumprod[0]) "
+                         f"needs a discrete_vp process, not {type(process).__name__}")
+    if float(grid.sigma[-1]) != 0.0:
+        raise ValueError("sample.set_alpha_to_one=False: the grid does not end at clean data")
+    t0 = jnp.zeros((1,), grid.t.dtype)
+    return dataclasses.replace(grid, t=jnp.concatenate([grid.t[:-1], t0]),
+                               alpha=jnp.concatenate([grid.alpha[:-1], process.alpha(t0).astype(grid.alpha.dtype)]),
+                               sigma=jnp.concatenate([grid.sigma[:-1], process.sigma(t0).astype(grid.sigma.dtype)]))
 
 
 def sample_nfe(config, sampler: str, num_steps: int, *, grid_kind=None, **options) -> int | None:

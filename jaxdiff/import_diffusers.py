@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 __all__ = ["import_pipeline", "scheduler_settings"]
 
@@ -50,6 +51,13 @@ _CLASS_DEFAULTS = {
     "KDPM2AncestralDiscreteScheduler": _KARRAS_BETAS,
 }
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
+# sigma-spacing options of the Euler / Heun / DPM-Solver / ... schedulers -> jaxdiff grid kinds
+# (the same noise levels: Karras et al. 2022 Eq. 5 rho = 7; log-uniform sigma = uniform log-SNR;
+# diffusers' Beta(0.6, 0.6) sigma quantiles)
+_SIGMA_GRIDS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "logsnr", "use_beta_sigmas": "beta_sigmas"}
+# model_index.json parts this import reads; any other named part is refused (e.g. an LDM's
+# vqvae/, whose latents would otherwise be saved as images)
+_IMPORTED_PARTS = ("unet", "transformer", "vae", "scheduler")
 
 
 def _find(model_dir: str, *candidates: str) -> str | None:
@@ -60,15 +68,48 @@ def _find(model_dir: str, *candidates: str) -> str | None:
     return None
 
 
+def _check_pipeline_parts(model_dir: str) -> None:
+    """Refuse a pipeline with parts this import would drop: a ``model_index.json`` entry other than
+    unet / transformer / vae / scheduler (e.g. the VQModel ``vqvae`` of latent-diffusion pipelines,
+    text encoders), a ``vqvae/`` folder, or a ``vae`` that is not an ``AutoencoderKL``. Sampling
+    such an import would save the network's latents as if they were images."""
+    parts = {}
+    index = os.path.join(model_dir, "model_index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            for name, value in json.load(f).items():
+                # components are [library, class]; other keys (_class_name, id2label, ...) are settings
+                if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]:
+                    parts[name] = str(value[1])
+    if os.path.isdir(os.path.join(model_dir, "vqvae")):
+        parts.setdefault("vqvae", "VQModel")
+    dropped = {k: v for k, v in parts.items() if k not in _IMPORTED_PARTS}
+    if dropped:
+        listed = ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items()))
+        raise ValueError(f"the pipeline in {model_dir} has parts jaxdiff does not import: {listed}. jaxdiff imports "
+                         "a UNet2DModel / DiTTransformer2DModel, an AutoencoderKL vae and a scheduler; without the "
+                         "missing parts its samples would not be the pipeline's (a VQModel's latents saved as images)")
+    if parts.get("vae", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"the pipeline's vae is a {parts['vae']}: jaxdiff decodes with an AutoencoderKL only")
+
+
 def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
     """``(process, prediction, sample)`` of a diffusers beta-chain scheduler config: the
     ``config.diffusion.process`` dict, ``config.diffusion.prediction``, and the
     ``config.sample`` settings that make ``jaxdiff sample --sampler ddpm|ddim`` step as that
-    scheduler does: ``grid`` (its ``timestep_spacing``; DDPM / DDIM / PNDM default ``leading``) and
-    ``clip_denoised`` (its ``clip_sample_range`` when ``clip_sample``, DDPM / DDIM only).
+    scheduler does: ``grid`` (its ``timestep_spacing``; DDPM / DDIM / PNDM default ``leading``),
+    ``clip_denoised`` (its ``clip_sample_range`` when ``clip_sample``, DDPM / DDIM only) and, for
+    DDIMScheduler, ``set_alpha_to_one`` (False: the last step lands on alphas_cumprod[0]).
+
+    For the other classes ``grid`` is jaxdiff's grid of the same kind -- the timestep spacing, or
+    ``karras`` / ``logsnr`` / ``beta_sigmas`` for ``use_karras_sigmas`` / ``use_exponential_sigmas``
+    / ``use_beta_sigmas`` -- which can differ in detail from that scheduler's own (e.g. the
+    multistep solvers' "linspace" takes N of N + 1 points: 999, 899, ..., 100 at 10 steps, jaxdiff's
+    999, 888, ..., 0); :func:`jaxdiff.samplers.sample` reproduces each scheduler's grid exactly.
 
     Raises ValueError for a scheduler that is not over a beta chain (VE, flow matching, ...),
-    for ``thresholding=True`` (dynamic thresholding is not implemented) and ``steps_offset != 0``.
+    for ``thresholding=True`` (dynamic thresholding is not implemented) and ``steps_offset != 0``
+    with "leading" spacing (the only one diffusers offsets).
     """
     from jaxdiff.processes import BETA_SCHEDULES
 
@@ -82,10 +123,12 @@ def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
     if c["thresholding"]:
         raise ValueError("scheduler thresholding=True (dynamic thresholding, Saharia et al. 2022) "
                          "is not implemented in jaxdiff")
-    if int(c["steps_offset"]) != 0 or c["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+    if c["timestep_spacing"] not in ("linspace", "leading", "trailing") or (
+            int(c["steps_offset"]) != 0 and c["timestep_spacing"] == "leading"):
+        # diffusers adds steps_offset to "leading" timesteps only
         raise ValueError(f"scheduler steps_offset={c['steps_offset']}, timestep_spacing="
-                         f"{c['timestep_spacing']!r}: jaxdiff's grids have offset 0 and the spacings "
-                         "linspace, leading, trailing")
+                         f"{c['timestep_spacing']!r}: jaxdiff's grids have the spacings linspace, leading, "
+                         "trailing, and offset 0 (which diffusers applies to leading only)")
     if c["trained_betas"] is None and c["beta_schedule"] not in BETA_SCHEDULES:
         raise ValueError(f"scheduler beta_schedule={c['beta_schedule']!r}: jaxdiff's discrete_vp has "
                          f"{', '.join(BETA_SCHEDULES)}")
@@ -96,8 +139,16 @@ def scheduler_settings(scheduler_config: dict) -> tuple[dict, str, dict]:
                "rescale_betas_zero_snr": bool(c["rescale_betas_zero_snr"])}
     if c["trained_betas"] is not None:
         process["trained_betas"] = tuple(float(b) for b in c["trained_betas"])
-    sample = {"grid": c["timestep_spacing"],
+    grid = c["timestep_spacing"]
+    sigma_grids = [k for k in _SIGMA_GRIDS if c.get(k)]
+    if len(sigma_grids) > 1:
+        raise ValueError(f"scheduler sets {', '.join(sigma_grids)}: diffusers allows one of them")
+    if sigma_grids:  # Karras / exponential / beta noise levels: jaxdiff's grid kinds of the same spacing
+        grid = _SIGMA_GRIDS[sigma_grids[0]]
+    sample = {"grid": grid,
               "clip_denoised": float(c["clip_sample_range"]) if c["clip_sample"] and cls in _CLIPPING else 0.0}
+    if cls == "DDIMScheduler":  # its last step lands on alphas_cumprod[0] instead of clean data when False
+        sample["set_alpha_to_one"] = bool(c.get("set_alpha_to_one", True))
     return process, _PREDICTIONS[c["prediction_type"]], sample
 
 
@@ -133,6 +184,7 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     if sched_path is None:
         raise FileNotFoundError(f"no scheduler/scheduler_config.json or scheduler_config.json in {model_dir}: "
                                 "the forward process (betas, prediction type) comes from it")
+    _check_pipeline_parts(model_dir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a new --workdir")
@@ -146,6 +198,12 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
     with open(sched_path) as f:
         scheduler = json.load(f)
     process, prediction, sample = scheduler_settings(scheduler)
+    sched_cls = scheduler.get("_class_name", "DDPMScheduler")
+    if sched_cls in ("DDIMScheduler", "PNDMScheduler") and sample["grid"] == "linspace":
+        warnings.warn(f"{sched_cls} with timestep_spacing='linspace' steps from each timestep t to t - T // N, "
+                      "not to the next timestep it evaluates (diffusers' own loop is no sampler on one grid); "
+                      "jaxdiff's ddim / pndm step between the timesteps they evaluate, so their samples differ "
+                      "from that pipeline's", RuntimeWarning, stacklevel=2)
 
     if config is None:
         config = base_config()
@@ -175,6 +233,12 @@ def import_pipeline(model_dir: str, workdir: str, config=None) -> dict:
         config.diffusion.process = ml_collections.ConfigDict(process)
         config.diffusion.prediction = prediction
         config.sample.grid, config.sample.clip_denoised = sample["grid"], sample["clip_denoised"]
+        config.sample.set_alpha_to_one = bool(sample.get("set_alpha_to_one", True))
+        if dit_dir is None:
+            # diffusers' UNet2DModel has no null class: jaxdiff's extra label row (class num_classes,
+            # the unconditional branch of guidance) is zeros and was never trained; say so, so that
+            # guidance on the import warns (a DiT's null class was trained, with label dropout 0.1)
+            config.diffusion.class_dropout = 0.0
         if vae_dir is not None:  # latent model: sample / eval decode with the pipeline's VAE
             config.sample.vae = os.path.abspath(vae_dir)
 

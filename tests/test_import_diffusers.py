@@ -43,6 +43,8 @@ def test_imported_workdir_samples_like_the_diffusers_pipeline(tmp_path):
 
     config, model, params, step = restore_for_sampling(str(tmp_path / "wd"))
     assert step == 0
+    # a UNet2DModel has no trained null class: recorded, so that guidance on it warns
+    assert config.diffusion.class_dropout == 0.0 and config.sample.set_alpha_to_one is True
     _, imported, _ = load_unet(str(tmp_path / "pipe" / "unet"))
     jax.tree.map(np.testing.assert_array_equal, params, imported)  # the EMA copy is the weights
 
@@ -186,13 +188,73 @@ def test_scheduler_settings():
     heun = scheduler_settings({"_class_name": "HeunDiscreteScheduler"})[0]
     assert (heun["beta_start"], heun["beta_end"]) == (0.00085, 0.012)
     assert scheduler_settings({"_class_name": "DDIMScheduler", "clip_sample_range": 2.0})[2]["clip_denoised"] == 2.0
+    assert scheduler_settings({"_class_name": "DDIMScheduler", "set_alpha_to_one": False})[2]["set_alpha_to_one"] is False
+    assert scheduler_settings({"_class_name": "DDIMScheduler"})[2]["set_alpha_to_one"] is True
+    # noise-level options map to jaxdiff's grids of the same spacing
+    for option, kind in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "logsnr"),
+                         ("use_beta_sigmas", "beta_sigmas")):
+        assert scheduler_settings({"_class_name": "EulerDiscreteScheduler", option: True})[2]["grid"] == kind
+    # diffusers offsets "leading" timesteps only: with trailing / linspace steps_offset changes nothing
+    assert scheduler_settings({"steps_offset": 1, "timestep_spacing": "trailing"})[2]["grid"] == "trailing"
     for bad, match in (({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
                        ({"prediction_type": "flow"}, "prediction_type='flow'"),
                        ({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 1348.0}, "scheduler ScoreSdeVeScheduler"),
                        ({"thresholding": True}, "thresholding=True"),
-                       ({"steps_offset": 1}, "steps_offset=1")):
+                       ({"steps_offset": 1}, "steps_offset=1"),
+                       ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "allows one of them")):
         with pytest.raises(ValueError, match=match):
             scheduler_settings(bad)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_ddim_without_alpha_to_one_lands_where_diffusers_does(spacing, clip):
+    """DDIMScheduler(set_alpha_to_one=False) ends on alphas_cumprod[0], not on clean data: with
+    config.sample.set_alpha_to_one=False jaxdiff's ddim does too (a smooth stand-in eps network;
+    float64 diffusers loop). Ending on clean data instead was 2.4e-3 .. 1.8e-2 away."""
+    from jaxdiff import parameterization
+    from jaxdiff.config_base import base_config
+    from jaxdiff.generate import _grid_and_options
+
+    w = np.random.default_rng(0).normal(size=(3, 3)) * 0.3
+    config = base_config()
+    config.diffusion.process = {"name": "discrete_vp"}
+    config.diffusion.prediction = "epsilon"
+    config.sample.grid, config.sample.clip_denoised, config.sample.set_alpha_to_one = spacing, clip, False
+    process = build_process(config)
+    grid, options = _grid_and_options(config, process, "ddim", 10, None, {})
+    assert float(grid.t[-1]) == 0.0 and float(grid.alpha[-1]) == pytest.approx(np.sqrt(process.alphas_cumprod[0]))
+
+    sched = diffusers.DDIMScheduler(set_alpha_to_one=False, timestep_spacing=spacing, clip_sample=clip > 0)
+    sched.alphas_cumprod = torch.tensor(np.asarray(process.alphas_cumprod), dtype=torch.float64)
+    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
+    sched.set_timesteps(10)
+    start = np.random.default_rng(1).normal(size=(4, 3))
+    x = torch.tensor(start)
+    for t in sched.timesteps:
+        eps = torch.tensor(np.tanh(x.numpy() @ w) * (0.5 + float(t) / 2000.0))
+        x = sched.step(eps, t, x, eta=0.0).prev_sample
+    net = lambda x, t: jnp.tanh(x @ jnp.asarray(w, jnp.float32)) * (0.5 + t[:, None] / 2000.0)  # noqa: E731
+    den = parameterization.make_denoiser(net, process, "epsilon")
+    ours = np.asarray(samplers.get("ddim")(den, jnp.asarray(start, jnp.float32), grid, **options))
+    assert np.abs(ours - x.numpy()).max() < 1e-3
+
+
+def test_pipelines_with_parts_not_imported_are_refused(tmp_path):
+    make_pipeline(tmp_path / "ldm")
+    (tmp_path / "ldm" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
+         "scheduler": ["diffusers", "DDIMScheduler"]}))
+    with pytest.raises(ValueError, match=r"parts jaxdiff does not import: vqvae \(VQModel\)"):
+        import_pipeline(str(tmp_path / "ldm"), str(tmp_path / "wd"))
+    (tmp_path / "ldm" / "model_index.json").write_text(json.dumps(
+        {"unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "VQModel"], "scheduler": [None, None]}))
+    with pytest.raises(ValueError, match="vae is a VQModel"):
+        import_pipeline(str(tmp_path / "ldm"), str(tmp_path / "wd"))
+    (tmp_path / "ldm" / "model_index.json").unlink()
+    (tmp_path / "ldm" / "vqvae").mkdir()
+    with pytest.raises(ValueError, match="vqvae"):
+        import_pipeline(str(tmp_path / "ldm"), str(tmp_path / "wd"))
 
 
 def test_dit_pipeline_imports_with_its_vae(tmp_path):
@@ -207,7 +269,7 @@ def test_dit_pipeline_imports_with_its_vae(tmp_path):
     diffusers.DDIMScheduler(clip_sample=False).save_pretrained(str(tmp_path / "pipe" / "scheduler"))
     summary = import_pipeline(str(tmp_path / "pipe"), str(tmp_path / "wd"))
     assert summary["vae"] == str((tmp_path / "pipe" / "vae").resolve())
-    assert summary["sample"] == {"grid": "leading", "clip_denoised": 0.0}
+    assert summary["sample"] == {"grid": "leading", "clip_denoised": 0.0, "set_alpha_to_one": True}
 
     from jaxdiff.generate import make_sample_fn
 
@@ -215,6 +277,7 @@ def test_dit_pipeline_imports_with_its_vae(tmp_path):
     assert config.model.name == "dit" and config.model.learn_sigma and config.data.channels == 4
     # DiT's sigma half was trained (L_hybrid): ddpm samples with it; DDIMScheduler names no variance
     assert config.diffusion.variance == "learned_range" and config.sample.variance == ""
+    assert config.diffusion.class_dropout == 0.1  # DiT's null class was trained
     images = make_sample_fn(config, model, "ddim", 2, 2)(params, jax.random.PRNGKey(0), jnp.array([0, 1]))
     assert images.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(images)))
 
@@ -234,6 +297,7 @@ def test_scheduler_settings_defaults_are_each_schedulers_own(cls):
     assert process["beta_schedule"] == default("beta_schedule", None)
     assert process["num_train_timesteps"] == default("num_train_timesteps", None)
     assert prediction == default("prediction_type", None)
-    # DPMSolverSinglestepScheduler has no timestep_spacing; it spaces steps as the multistep
-    # scheduler's "linspace" does (999, 899, ..., 100 at 10 steps)
+    # DPMSolverSinglestepScheduler has no timestep_spacing: the import names "linspace" (its own
+    # steps are the multistep classes' "linspace", 999, 899, ..., 100 at 10 steps; jaxdiff's
+    # "linspace" grid is 999, 888, ..., 0 -- see scheduler_settings)
     assert sample["grid"] == default("timestep_spacing", "linspace")

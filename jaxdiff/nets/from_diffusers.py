@@ -109,9 +109,11 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     need(c["attn_norm_num_groups"] in (None, groups),
          f"attn_norm_num_groups={c['attn_norm_num_groups']} differs from norm_num_groups={groups}")
     head_dim = c["attention_head_dim"]
-    if head_dim is not None:
-        need(all(ch % int(head_dim) == 0 for ch in chans),
-             f"attention_head_dim={head_dim} does not divide the widths {chans}")
+    if head_dim is not None and all(b in _DOWN for b in down):
+        # only the widths that have attention: the attention levels and the middle block
+        attn_widths = sorted({ch for ch, b in zip(chans, down) if _DOWN[b]} | {chans[-1]})
+        need(all(ch % int(head_dim) == 0 for ch in attn_widths),
+             f"attention_head_dim={head_dim} does not divide the attention widths {attn_widths}")
     if bad:
         raise ValueError("this UNet2DModel has settings jaxdiff's UNet does not:\n  " + "\n  ".join(bad))
 

@@ -18,6 +18,14 @@ from jaxdiff.samplers.base import run_steps, safe_div, validate
 from jaxdiff.variance import SAMPLER_VARIANCES, learned_range_log_variance, step_log_variances
 
 
+def _check_clip(name: str, clip_denoised) -> None:
+    """``clip_denoised`` is None (off) or a positive bound: 0 would clip every x0_hat to 0 (the
+    config's ``sample.clip_denoised = 0`` means off and is passed as None by jaxdiff.generate)."""
+    if clip_denoised is not None and isinstance(clip_denoised, (int, float)) and not clip_denoised > 0:
+        raise ValueError(f"{name}: clip_denoised={clip_denoised!r} would clip x0_hat to [-{clip_denoised}, "
+                         f"{clip_denoised}]; pass a positive bound (diffusers' clip_sample_range, e.g. 1.0) or None (off)")
+
+
 def _clip(x0, clip_denoised):
     return x0 if clip_denoised is None else jnp.clip(x0, -clip_denoised, clip_denoised)
 
@@ -32,7 +40,8 @@ def ddpm(denoise, x, grid, *, key=None, clip_denoised: float | None = None, vari
       x: state at ``grid.t[0]``.
       grid: time grid (:class:`jaxdiff.schedules.Grid`).
       key: PRNG key (required).
-      clip_denoised: clip x0_hat to [-c, c] before the posterior (diffusers' ``clip_sample``).
+      clip_denoised: clip x0_hat to [-c, c] before the posterior (diffusers' ``clip_sample``);
+        ``None``: no clipping (a bound <= 0 is refused).
       variance: the reverse step's variance (:mod:`jaxdiff.variance`): ``fixed_small`` (the
         posterior's beta~, Ho et al.'s sigma^2 = beta~), ``fixed_large`` (beta) or
         ``learned_range`` (iDDPM Eq. 15, between the two by ``v``), each for the grid's own
@@ -43,6 +52,7 @@ def ddpm(denoise, x, grid, *, key=None, clip_denoised: float | None = None, vari
       The sample at the last grid point.
     """
     validate("ddpm", x, grid, key, stochastic=True)
+    _check_clip("ddpm", clip_denoised)
     if variance not in SAMPLER_VARIANCES:
         raise ValueError(f"ddpm: unknown variance {variance!r}; valid: {', '.join(SAMPLER_VARIANCES)}")
     dtype = x.dtype
@@ -83,10 +93,12 @@ ddpm.stochastic = True
 def ddim(denoise, x, grid, *, key=None, eta: float = 0.0, clip_denoised: float | None = None):
     """DDIM (Song et al. 2021, Eq. 12); ``eta`` scales the injected noise (Eq. 16).
 
-    The noise estimate is taken from the unclipped x0_hat, as diffusers' ``DDIMScheduler`` does.
+    The noise estimate is taken from the unclipped x0_hat, as diffusers' ``DDIMScheduler`` does;
+    ``clip_denoised`` (a positive bound, or None for none) clips x0_hat as in :func:`ddpm`.
     ``eta`` may be a traced value (changing it does not recompile); a key is needed if eta > 0.
     """
     validate("ddim", x, grid, key, stochastic=False)
+    _check_clip("ddim", clip_denoised)
     if isinstance(eta, (int, float)) and not 0 <= eta <= 1:
         raise ValueError(f"ddim: eta must be in [0, 1] (0: DDIM, 1: DDPM's variance; Song et al. 2021, "
                          f"Eq. 16), got {eta}")

@@ -86,3 +86,15 @@ def test_numpy_float64_grid_without_x64_and_grids_built_under_jit():
                                np.asarray(samplers.get("euler")(gaussian_denoiser(proc), x, g)), rtol=1e-6)
     traced = jax.jit(lambda s: S.make_grid(P.discrete_vp(), 4).sigma.sum() + s)(1.0)
     assert float(traced) == pytest.approx(float(S.make_grid(P.discrete_vp(), 4).sigma.sum()) + 1.0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_clip_denoised_zero_is_refused_not_all_zero_samples(name):
+    proc = P.discrete_vp()
+    grid = S.make_grid(proc, 4, "leading")
+    den = lambda x, t: 0.5 * x  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    with pytest.raises(ValueError, match="clip_denoised=0.0 would clip"):
+        samplers.get(name)(den, x, grid, key=jax.random.key(1), clip_denoised=0.0)
+    out = samplers.get(name)(den, x, grid, key=jax.random.key(1), clip_denoised=1.0)
+    assert float(jnp.abs(out).max()) > 0
