@@ -1,6 +1,8 @@
 """DDPM on CIFAR-10 (Ho et al. 2020, Sec. 4 and App. B): 35.7M-parameter UNet, linear betas
 1e-4..0.02 over T = 1000, eps-prediction, Adam lr 2e-4 with 5000 warmup steps, batch 128,
-dropout 0.1, random flips, EMA 0.9999, 800k steps. Data through TFDS ``cifar10``
+dropout 0.1, random flips, EMA 0.9999, 800k steps. Sampling as Ho et al.'s CIFAR-10 code
+(``scripts/run_cifar.py``): 1000 ancestral steps with the reverse variance beta (``fixedlarge``)
+and x0_hat clipped to [-1, 1] (``p_sample``'s ``clip_denoised=True``). Data through TFDS ``cifar10``
 (prepare it once with ``tfds build cifar10 --file_format=array_record``)."""
 
 from jaxdiff.config_base import base_config
@@ -30,6 +32,8 @@ def get_config(variant: str = ""):
     c.train.ckpt_every = 10_000
     c.sample.sampler = "ddpm"
     c.sample.steps = 1000
+    c.sample.variance = "fixed_large"  # Ho et al.'s CIFAR-10 model_var_type='fixedlarge' (sigma^2 = beta)
+    c.sample.clip_denoised = 1.0
     c.sample.num = 64
     c.sample.nrow = 8
     if variant == "tiny":

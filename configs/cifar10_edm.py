@@ -3,6 +3,12 @@ EDM preconditioning (sigma_data 0.5), log-normal sigma (P_mean -1.2, P_std 1.2),
 weighting, Adam lr 1e-3 with 10M-image warmup ramp, batch 512, EMA half-life 0.5M images,
 dropout 0.13, Heun with 18 steps (35 NFE) on the Karras rho=7 grid.
 
+Not replicated: EDM's non-leaky augmentation (``--augment 0.12``: an AugmentPipe of flips,
+scaling, rotation, anisotropy and translation, with the network conditioned on the 9 augmentation
+labels); jaxdiff has no augmentation pipeline. Like EDM (``--xflip`` off by default) the dataset is
+not flipped either, so this config trains without augmentation, which EDM's App. F.2 uses
+against overfitting on CIFAR-10: expect a worse FID than their 1.97 at the same length.
+
 Network: jaxdiff's DDPM-style UNet with DDPM++'s widths (128, mult 2-2-2, 4 blocks per level,
 attention at 16x16); EDM's exact SongUNet layers (resample filters, skip scaling) are not
 replicated, so the parameter count differs from EDM's 56M."""
@@ -16,7 +22,7 @@ def get_config(variant: str = ""):
     c.data.tfds_name = "cifar10"
     c.data.image_size, c.data.channels = 32, 3
     c.data.batch_size = 512
-    c.data.flip = True
+    c.data.flip = False  # EDM's --xflip default; its augmentation (flips among them) is not implemented
     c.model.name = "unet"
     c.model.ch = 128
     c.model.ch_mult = (2, 2, 2)

@@ -16,7 +16,8 @@ scored with the committed digits classifier (``jaxdiff.metrics.digits_classifier
     python experiments/grids/run.py                    # trains the default model first (~3 min)
     python experiments/grids/run.py --workdir DIR      # reuse a finished `jaxdiff train` workdir
 
-Writes ``results.md`` and ``results.json`` under ``--out``.
+Writes ``results.md`` and ``results.json`` under ``--out``, and the ODE reference solver's own
+scores in ``ode_reference_eval.json``.
 """
 
 from __future__ import annotations

@@ -117,6 +117,7 @@ def main():
     config = load_config()
     if args.train_steps:
         config.train.num_steps = config.optim.decay_steps = int(args.train_steps)
+        config.optim.warmup_steps = min(int(config.optim.warmup_steps), int(args.train_steps) // 2)
     model, params, step = trained_params(config, args.workdir, progress)
     process = build_process(config)
     train_x, train_y = load_digits("train")
