@@ -5,7 +5,8 @@ learned sigma: 2 x 4 output channels trained with iDDPM's L_hybrid = L_simple + 
 (``diffusion.variance="learned_range"``, Nichol & Dhariwal 2021 Eq. 16), and DDPM's 250 sampling
 steps use the learned variances (iDDPM Eq. 15), as DiT's ``sample.py`` does, with classifier-free
 guidance scale 1.5 (Table 4's DiT-XL/2-G, FID 2.27; ``--guidance_scale 1`` for the unguided 9.62).
-DiT's ``forward_with_cfg`` guides only the first 3 of the 4 latent channels; jaxdiff guides all 4.
+As DiT's ``forward_with_cfg``, only the first 3 of the 4 latent channels are guided
+(``sample.guidance_channels = 3``; diffusers' ``DiTPipeline`` guides all 4).
 
 The data: ImageNet's training images encoded once by the SD VAE (a local copy of diffusers'
 ``stabilityai/sd-vae-ft-ema``; jaxdiff downloads nothing), cropped and flipped as DiT's
@@ -49,6 +50,7 @@ def get_config(variant: str = ""):
     c.sample.sampler = "ddpm"
     c.sample.steps = 250
     c.sample.guidance_scale = 1.5
+    c.sample.guidance_channels = 3
     c.sample.num = 16
     c.sample.nrow = 4
     c.sample.decode_batch = 32  # each device decodes <= 32 latents at a time (~6 GiB of SD-VAE buffers, XLA:CPU's

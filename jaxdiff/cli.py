@@ -53,6 +53,8 @@ flags.DEFINE_enum("variance", None, ["fixed_small", "fixed_large", "learned_rang
                   "sample/eval with --sampler ddpm: the reverse variance (default: config.sample.variance, else the "
                   "learned one for a diffusion.variance='learned_range' model, else fixed_small).")
 flags.DEFINE_float("guidance_rescale", None, "sample/eval: CFG rescale phi (Lin et al. 2024; 0 = off).")
+flags.DEFINE_integer("guidance_channels", None, "sample/eval: guide only the first N channels (DiT's code: 3 of its "
+                     "4 latent channels); 0 = all (default: config.sample.guidance_channels).")
 flags.DEFINE_string("grid", None, "sample/eval: time grid kind (jaxdiff.schedules.GRID_KINDS: linspace, leading, "
                     "trailing, karras, uniform, logsnr, beta, beta_sigmas; default: config.sample.grid, else the "
                     "process's default). eval: a comma-separated list sweeps the grids.")
@@ -185,6 +187,10 @@ def _guidance_flags(scale: float | None = None) -> dict:
                                  f"{FLAGS.guidance_interval!r}") from None
     if FLAGS.guidance_rescale is not None:
         g["rescale"] = float(FLAGS.guidance_rescale)
+    if FLAGS.guidance_channels is not None:
+        if FLAGS.guidance_channels < 0:
+            raise app.UsageError(f"--guidance_channels must be >= 0 (0 = all), got {FLAGS.guidance_channels}")
+        g["channels"] = int(FLAGS.guidance_channels) or None
     return g
 
 
@@ -281,7 +287,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 _NO_CONFIG_OVERRIDES = (
     "jaxdiff {command} rebuilds the model from the config saved with the checkpoint and does not read --config "
     "or --config.* overrides; choose the sampling settings with --sampler, --steps, --grid, --num, "
-    "--guidance_scale, --guidance_interval, --guidance_rescale, --variance, --decode_batch, --params")
+    "--guidance_scale, --guidance_interval, --guidance_rescale, --guidance_channels, --variance, --decode_batch, --params")
 
 
 def _main(argv) -> None:

@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 1.0
     c.sample.guidance_interval = ()
     c.sample.guidance_rescale = 0.0
+    c.sample.guidance_channels = 0      # guide only the first N channels (DiT's code: 3 of 4); 0 = all
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

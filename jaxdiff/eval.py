@@ -302,8 +302,8 @@ def restore_for_sampling(workdir: str, which: str = ""):
 
 def guidance_tag(g: dict) -> str:
     """The part of an eval file's name that names its guidance settings: ``""`` unguided, else
-    ``_cfg{scale}[_interval{lo}-{hi}][_rescale{r}]``, so that evals which differ in any setting
-    never overwrite each other."""
+    ``_cfg{scale}[_interval{lo}-{hi}][_rescale{r}][_ch{n}]``, so that evals which differ in any
+    setting never overwrite each other."""
     if g["scale"] == 1.0:
         return ""
     tag = f"_cfg{g['scale']:g}"
@@ -311,6 +311,8 @@ def guidance_tag(g: dict) -> str:
         tag += f"_interval{g['interval'][0]:g}-{g['interval'][1]:g}"
     if g.get("rescale"):
         tag += f"_rescale{g['rescale']:g}"
+    if g.get("channels"):
+        tag += f"_ch{int(g['channels'])}"
     return tag
 
 

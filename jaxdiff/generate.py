@@ -29,12 +29,14 @@ __all__ = ["make_sample_fn", "sample_nfe", "decode_in_chunks", "generate", "clas
 
 
 def guidance_settings(config, override: dict | None = None) -> dict:
-    """``{"scale", "interval", "rescale"}`` of classifier-free guidance from ``config.sample``
-    (``guidance_scale``, ``guidance_interval``, ``guidance_rescale``), updated by ``override``."""
+    """``{"scale", "interval", "rescale", "channels"}`` of classifier-free guidance from
+    ``config.sample`` (``guidance_scale``, ``guidance_interval``, ``guidance_rescale``,
+    ``guidance_channels``: 0 = all), updated by ``override``."""
     sc = config.get("sample") or {}
     g = {"scale": float(sc.get("guidance_scale", 1.0)),
          "interval": tuple(sc.get("guidance_interval", ()) or ()) or None,
-         "rescale": float(sc.get("guidance_rescale", 0.0))}
+         "rescale": float(sc.get("guidance_rescale", 0.0)),
+         "channels": int(sc.get("guidance_channels", 0) or 0) or None}
     g.update(override or {})
     if g["interval"] is not None and len(g["interval"]) != 2:
         raise ValueError(f"sample.guidance_interval must be () or (lo, hi), got {g['interval']!r}")
@@ -125,7 +127,7 @@ def make_sample_fn(config, model, sampler: str, num_steps: int, batch: int, *, g
             d = guidance.classifier_free_guidance(
                 conditional_denoiser(config, model, params, with_variance=with_variance), y,
                 null_labels(config, y.shape[0]), g["scale"], interval=g["interval"], rescale=g["rescale"],
-                process=process)
+                process=process, channels=g["channels"])
         else:
             d = denoiser(config, model, params, y, with_variance=with_variance)
         x = fn(d, x, grid, key=k_sampler, **options)

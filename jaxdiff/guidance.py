@@ -147,6 +147,7 @@ def classifier_free_guidance(
     rescale=0.0,
     rescale_space: str = "x0",
     process: Process | None = None,
+    channels: int | None = None,
 ) -> Callable:
     """Classifier-free guidance: ``D = D(x, t, uncond) + scale * (D(x, t, cond) - D(x, t, uncond))``.
 
@@ -173,10 +174,17 @@ def classifier_free_guidance(
         per example (g, c the guided and conditional x0), which is g when x and g - c are
         uncorrelated.
       process: the forward process (for ``interval`` and for rescaling in eps / v space).
+      channels: guide only the first ``channels`` channels (last axis); the others take the
+        conditional branch. DiT's ``forward_with_cfg`` guides 3 of its 4 latent channels "by
+        default for exact reproducibility" (Peebles & Xie 2023's code); guiding x0 per channel is
+        guiding eps per channel (x0 and eps are affine in each other channel by channel). None:
+        all channels.
 
     Returns:
       ``denoise(x, t) -> x0_hat``, guided.
     """
+    if channels is not None and int(channels) < 1:
+        raise ValueError(f"classifier_free_guidance: channels must be >= 1 (or None: all), got {channels!r}")
     if rescale_space not in RESCALE_SPACES:
         raise ValueError(f"rescale_space must be one of {RESCALE_SPACES}, got {rescale_space!r}")
     if interval is not None:
@@ -198,6 +206,8 @@ def classifier_free_guidance(
             out, aux = out
         c, u = out[:b], out[b:]
         g = u + jnp.asarray(scale, out.dtype) * (c - u)
+        if channels is not None and int(channels) < out.shape[-1]:
+            g = jnp.where(jnp.arange(out.shape[-1]) < int(channels), g, c)
         if do_rescale:
             g = _rescale_x0(rescale_space, g, c, x, t, process, rescale).astype(out.dtype)
         return g if aux is None else (g, aux[:b])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import guidance, samplers
+from jaxdiff import parameterization as PZ
 from jaxdiff import processes as P
 from jaxdiff.schedules import make_grid
 
@@ -94,6 +95,31 @@ def test_cfg_scale_one_equals_conditional_model_and_batches_both_branches():
     d0 = guidance.classifier_free_guidance(exact_denoise_cond, y, jnp.full_like(y, NULL), 0.0)
     ref0 = samplers.get("dpmpp_2m")(lambda x, t: exact_denoise_cond(x, t, jnp.full_like(y, NULL)), x, grid)
     np.testing.assert_allclose(samplers.get("dpmpp_2m")(d0, x, grid), ref0, rtol=0, atol=2e-5)
+
+
+def test_cfg_on_the_first_channels_only_as_dits_forward_with_cfg():
+    """DiT's code guides eps on 3 of 4 latent channels, the rest (and the variances) conditional:
+    guiding x0 per channel is the same, since x0 = (x - sigma eps) / alpha channel by channel."""
+    proc = P.discrete_vp()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    y = jnp.array([0, 1])
+    w = jax.random.normal(jax.random.key(1), (3, 4))  # a label-dependent stand-in eps network
+
+    def eps_net(x, c):
+        return jnp.tanh(x) * (1.0 + w[c][:, None, None, :])
+
+    def denoise_cond(x, t, c):
+        return PZ.to_x0("epsilon", eps_net(x, c), x, t, proc)
+
+    t = jnp.float32(500.0)
+    out = guidance.classifier_free_guidance(denoise_cond, y, jnp.full_like(y, 2), 4.0, channels=3)(x, t)
+    e_c, e_u = eps_net(x, y), eps_net(x, jnp.full_like(y, 2))
+    eps = jnp.concatenate([e_u[..., :3] + 4.0 * (e_c[..., :3] - e_u[..., :3]), e_c[..., 3:]], axis=-1)
+    np.testing.assert_allclose(out, PZ.to_x0("epsilon", eps, x, t, proc), rtol=1e-5, atol=1e-5)
+    full = guidance.classifier_free_guidance(denoise_cond, y, jnp.full_like(y, 2), 4.0, channels=4)(x, t)
+    assert not np.allclose(full[..., 3], out[..., 3])
+    with pytest.raises(ValueError, match="channels must be >= 1"):
+        guidance.classifier_free_guidance(denoise_cond, y, y, 4.0, channels=0)
 
 
 @pytest.mark.parametrize("per_example_t", [False, True])

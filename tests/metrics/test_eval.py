@@ -74,8 +74,10 @@ def test_eval_file_names_carry_every_guidance_setting():
         {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0},
         {"scale": 3.0, "interval": None, "rescale": 0.7},
         {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.7},
+        {"scale": 3.0, "interval": None, "rescale": 0.0, "channels": 3},
     )}
-    assert tags == {"", "_cfg3", "_cfg3_interval0.3-5", "_cfg3_rescale0.7", "_cfg3_interval0.3-5_rescale0.7"}
+    assert tags == {"", "_cfg3", "_cfg3_interval0.3-5", "_cfg3_rescale0.7", "_cfg3_interval0.3-5_rescale0.7",
+                    "_cfg3_ch3"}
 
 
 def test_dataset_statistics_and_digits_score_on_real_digits():
