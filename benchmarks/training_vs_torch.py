@@ -149,6 +149,9 @@ def main(argv=None):
                          "peak, with the fraction 1.2x PyTorch would need")
     ap.add_argument("--json", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
+    if args.roofline and args.skip_torch:
+        ap.error("--roofline compares with PyTorch's step: drop --skip-torch")
+    import jax
 
     info = common.machine_info()
     common.log(f"machine: {info}")
@@ -173,7 +176,10 @@ def main(argv=None):
             # model FLOPs: those of the network as defined, i.e. of the conv_impl="xla" step (as mfu.py)
             ref_fn, ref_state, ref_data, _ = jaxdiff_train_step(
                 args.batch, "xla", dict(common.UNET, conv_impl="xla", dtype=args.dtype))
-            flops = common.compiled_flops(ref_fn.lower(ref_state, ref_data).compile())
+            lowered = ref_fn.lower(ref_state, ref_data)
+            # on an accelerator the optimised executable's library calls may go uncounted (mfu.py)
+            flops = (common.compiled_flops(lowered.compile()) if jax.default_backend() == "cpu"
+                     else common.hlo_flops(lowered))
             del ref_fn, ref_state, ref_data
             peak = common.matmul_peak_jax(4096, 3)
             result["roofline"] = common.roofline(

@@ -173,7 +173,7 @@ def end_at_t_min(grid):
     """``grid`` with its final clean point (alpha 1, sigma 0) replaced by the process at t = 0: the
     last DDIM step of diffusers' ``DDIMScheduler(set_alpha_to_one=False)`` (``final_alpha_cumprod =
     alphas_cumprod[0]``). With "leading" timesteps, which already end at t = 0, that last step is
-    from t = 0 to t = 0 (for DDIM, x unchanged), as in diffusers."""
+    from t = 0 to t = 0, as in diffusers (for DDIM x is unchanged unless x0_hat is clipped)."""
     process = grid.process
     if not getattr(process, "discrete", False):
         raise ValueError("sample.set_alpha_to_one=False (diffusers' DDIM final step onto alphas_cumprod[0]) "

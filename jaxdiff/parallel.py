@@ -85,14 +85,26 @@ def _path_str(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _divides(entry, dim: int, sizes: dict) -> bool:
+    """A spec entry (None, an axis name or a tuple of them) splits ``dim`` evenly; unknown names raise."""
+    if entry is None:
+        return True
+    names = entry if isinstance(entry, (tuple, list)) else (entry,)
+    unknown = [a for a in names if a not in sizes]
+    if unknown:
+        raise ValueError(f"mesh.rules: unknown mesh axis {unknown[0]!r} (the axes are {', '.join(sizes)})")
+    return dim % int(np.prod([sizes[a] for a in names])) == 0
+
+
 def param_partition_spec(path: str, shape: Sequence[int], fsdp: int, *, rules=(),
                          min_size: int = MIN_SHARD_SIZE, data: int = 1) -> P:
     """The PartitionSpec of one state array under an ``fsdp``-way split.
 
     ``rules``: ``(regex, spec)`` pairs tried in order against ``path`` (e.g.
     ``("params/.*/kernel", (None, None, None, "fsdp"))`` splits conv kernels on the output
-    channels); a spec entry is ``"fsdp"``, ``"data"`` or ``None``, and a rule applies only when
-    each named axis (of size ``fsdp`` / ``data``) divides its dimension. Otherwise: the largest
+    channels); a spec entry is ``"fsdp"``, ``"data"``, a tuple of them or ``None``, and a rule
+    applies only when each entry's axes (of sizes ``fsdp`` / ``data``; a tuple: their product)
+    divide its dimension; another axis name is an error. Otherwise: the largest
     dimension divisible by ``fsdp`` (ties: the last), or replicated when there is none or the
     array is small.
     """
@@ -102,8 +114,7 @@ def param_partition_spec(path: str, shape: Sequence[int], fsdp: int, *, rules=()
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = tuple(spec)
-            sizes = {"fsdp": fsdp, "data": data}
-            if len(spec) == len(shape) and all(a is None or (a in sizes and d % sizes[a] == 0)
+            if len(spec) == len(shape) and all(_divides(a, d, {"fsdp": fsdp, "data": data})
                                                for a, d in zip(spec, shape)):
                 return P(*spec)
     best = None

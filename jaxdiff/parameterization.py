@@ -116,9 +116,12 @@ def check_x0_recoverable(prediction: str, process: Process, t: float, where: str
         bad = "alpha = 0 on the whole interval, so the velocity carries no information about x0"
     else:
         return
-    raise ValueError(f"prediction {prediction!r} gives no x0 at t = {float(t[0]):g}{where}: {bad}. Start the grid "
-                     "where alpha > 0 (e.g. a 'leading' or 'linspace' grid, or a smaller t_max), or train with "
-                     "v_prediction or sample, which are finite there")
+    if getattr(process, "discrete", False):
+        fix = "sample on a grid that starts below t_max (sample.grid='leading' starts at 900 of 1000 at 10 steps)"
+    else:
+        fix = "sample on a grid that starts where alpha > 0 (a process with t_max < 1)"
+    raise ValueError(f"prediction {prediction!r} gives no x0 at t = {float(t[0]):g}{where}: {bad}. Either {fix}, "
+                     "or train with v_prediction or sample, which are finite there")
 
 
 def convert(out, x, t, process: Process, src: str, dst: str):

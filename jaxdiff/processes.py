@@ -340,11 +340,15 @@ class VPCosine(Process):
 
     def t_from_logsnr(self, logsnr):
         # Solve sin(d) sin(d + 2 phi0) = c := sigma^2 cos^2(phi0), sigma^2 = sigmoid(-logsnr), for
-        # tan(d): x^2 (cos 2phi0 - c) + x sin 2phi0 - c = 0, in the root form without cancellation.
+        # tan(d): x^2 (cos 2phi0 - c) + x sin 2phi0 - c = 0, root x = 2c / (sin 2phi0 + sqrt(D)) with the
+        # discriminant D = 4 cos^2(phi0) alpha^2 (sin^2(phi0) + c) written as a product (no cancellation
+        # near t = 0, where c -> 0, nor near t = 1, where alpha -> 0 and D -> 0).
         phi0 = self.s / (1.0 + self.s) * math.pi / 2
-        c = jax.nn.sigmoid(-jnp.asarray(logsnr, jnp.float32)) * math.cos(phi0) ** 2
-        s2p, c2p = math.sin(2 * phi0), math.cos(2 * phi0)
-        x = 2.0 * c / (s2p + jnp.sqrt(jnp.maximum(s2p**2 + 4.0 * c * (c2p - c), 0.0)))  # 0 at alpha = 0
+        logsnr = jnp.asarray(logsnr, jnp.float32)
+        c = jax.nn.sigmoid(-logsnr) * math.cos(phi0) ** 2
+        alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))
+        sqrt_d = 2.0 * math.cos(phi0) * alpha * jnp.sqrt(math.sin(phi0) ** 2 + c)
+        x = 2.0 * c / (math.sin(2 * phi0) + sqrt_d)
         return jnp.arctan(x) * 2.0 / jnp.pi * (1.0 + self.s)
 
 

@@ -71,9 +71,12 @@ def test_rules_naming_data_check_the_data_axis_size():
     # data=4 does not divide 6: the rule falls through to the default (fsdp=2 divides 1024)
     assert parallel.param_partition_spec("params/kernel", (6, 1024), 2, rules=rules, data=4) == P(None, "fsdp")
     assert parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=rules, data=4) == P("data", None)
-    # an axis name that is not a mesh axis never matches
-    assert parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=(("kernel", ("model", None)),)) == \
-        P(None, "fsdp")
+    # a tuple entry splits over the product of its axes
+    both = (("kernel", (("data", "fsdp"), None)),)
+    assert parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=both, data=4) == P(("data", "fsdp"), None)
+    assert parallel.param_partition_spec("params/kernel", (12, 1024), 2, rules=both, data=4) == P(None, "fsdp")
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        parallel.param_partition_spec("params/kernel", (8, 1024), 2, rules=(("kernel", ("model", None)),))
 
 
 def test_initialize_distributed_reads_the_process_environment(monkeypatch):

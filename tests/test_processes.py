@@ -312,7 +312,7 @@ def test_cosine_sigma_and_inverse_near_t0_match_float64():
     # 1 - alpha^2 rounds to 0 in float32 near t = 0: sigma(1e-6) was 0 (SNR inf), sigma(1e-5)
     # 4% off, and t_from_sigma_ratio(0.002) (an EDM-size noise level) 2% off
     p = P.VPCosine()
-    t = np.array([1e-6, 1e-5, 1e-4, 1e-2, 0.5, 0.99], np.float64)
+    t = np.array([1e-6, 1e-5, 1e-4, 1e-2, 0.5, 0.99, 0.9946, 0.999], np.float64)
     phi0 = p.s / (1 + p.s) * np.pi / 2
     alpha = np.cos((t + p.s) / (1 + p.s) * np.pi / 2) / np.cos(phi0)
     sigma = np.sqrt(1 - alpha**2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.samplers.base import run_steps, safe_div, validate
 from jaxdiff.variance import SAMPLER_VARIANCES, learned_range_log_variance, step_log_variances
@@ -21,7 +22,7 @@ from jaxdiff.variance import SAMPLER_VARIANCES, learned_range_log_variance, step
 def _check_clip(name: str, clip_denoised) -> None:
     """``clip_denoised`` is None (off) or a positive bound: 0 would clip every x0_hat to 0 (the
     config's ``sample.clip_denoised = 0`` means off and is passed as None by jaxdiff.generate)."""
-    if clip_denoised is not None and isinstance(clip_denoised, (int, float)) and not clip_denoised > 0:
+    if isinstance(clip_denoised, (int, float, np.number)) and not clip_denoised > 0:
         raise ValueError(f"{name}: clip_denoised={clip_denoised!r} would clip x0_hat to [-{clip_denoised}, "
                          f"{clip_denoised}]; pass a positive bound (diffusers' clip_sample_range, e.g. 1.0) or None (off)")
 

@@ -228,9 +228,13 @@ def check_data_labels(config, source) -> None:
     have = getattr(source, "num_classes", None)
     n = num_classes(config)
     if n and getattr(source, "has_labels", True) is False:
+        from jaxdiff.data.latents import LatentSource
+
+        fix = ("re-encode it from a labelled source (`jaxdiff encode` of an image folder, or of a TFDS dataset "
+               "with a label feature)" if hasattr(source, "scaling_factor")
+               else "name the label feature with --config.data.label_key")
         raise ValueError(f"config.model.num_classes={n} (class-conditional) but the dataset {source!r} has no "
-                         "labels (TFDS: no feature config.data.label_key); set --config.model.num_classes=0 "
-                         "for an unconditional model, or name the label feature with --config.data.label_key")
+                         f"labels; set --config.model.num_classes=0 for an unconditional model, or {fix}")
     if n and have and int(have) > n:
         raise ValueError(f"the dataset has {have} classes but config.model.num_classes={n}: set "
                          f"--config.model.num_classes={have} (label {n} is the null class of guidance)")

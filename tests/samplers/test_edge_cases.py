@@ -94,7 +94,8 @@ def test_clip_denoised_zero_is_refused_not_all_zero_samples(name):
     grid = S.make_grid(proc, 4, "leading")
     den = lambda x, t: 0.5 * x  # noqa: E731
     x = jax.random.normal(jax.random.key(0), (2, 3))
-    with pytest.raises(ValueError, match="clip_denoised=0.0 would clip"):
-        samplers.get(name)(den, x, grid, key=jax.random.key(1), clip_denoised=0.0)
+    for zero in (0.0, 0, np.float32(0)):
+        with pytest.raises(ValueError, match="would clip x0_hat"):
+            samplers.get(name)(den, x, grid, key=jax.random.key(1), clip_denoised=zero)
     out = samplers.get(name)(den, x, grid, key=jax.random.key(1), clip_denoised=1.0)
     assert float(jnp.abs(out).max()) > 0
