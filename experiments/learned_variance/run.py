@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--noprogress", action="store_true")
     ap.add_argument("--load-note", default="machine otherwise idle", help="what else ran (for the timings)")
     args = ap.parse_args()
+    import matplotlib  # noqa: F401  (the [experiments] extra: fail now, not after the runs)
+
     progress = not args.noprogress
     steps = [int(s) for s in args.steps.split(",")]
     t_start = time.time()
