@@ -45,10 +45,10 @@ def test_conditional_denoiser_null_label_is_the_unconditional_model(tiny):
 
 def test_guidance_settings_and_errors():
     cfg = load_config("digits", "tiny")
-    assert guidance_settings(cfg) == {"scale": 1.0, "interval": None, "rescale": 0.0}
+    assert guidance_settings(cfg) == {"scale": 1.0, "interval": None, "rescale": 0.0, "channels": None}
     cfg.sample.guidance_scale = 3.0
     cfg.sample.guidance_interval = (0.3, 5.0)
-    assert guidance_settings(cfg) == {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0}
+    assert guidance_settings(cfg) == {"scale": 3.0, "interval": (0.3, 5.0), "rescale": 0.0, "channels": None}
     unc = load_config("toy2d", "tiny")
     assert int(unc.model.get("num_classes", 0) or 0) == 0
     with pytest.raises(ValueError, match="class-conditional"):

@@ -16,6 +16,10 @@ import pytest
 
 from tests.helpers import REPO, run_python
 
+# ~2 min of the default suite's wall time on the 2-vCPU CI machine (three jax processes);
+# run with --runslow. The single-process 8-device tests (test_sharding.py) stay in the default suite.
+pytestmark = pytest.mark.slow
+
 SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, ".")
