@@ -50,7 +50,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
             raise ValueError(f"mesh.{axis} must be a positive device count or -1 (all the rest), got {v!r}")
     if data == -1 and fsdp == -1:
         data = 1
-    for axis, v, other in (("data", data, "fsdp"), ("fsdp", fsdp, "data")):
+    for axis, v in (("data", data), ("fsdp", fsdp)):
         if v > n or (v != -1 and n % v):
             raise ValueError(f"mesh.{axis}={v} does not divide the {n} device(s) this run sees; set "
                              f"--config.mesh.{axis} to a divisor of {n} (e.g. when resuming on fewer devices: "

@@ -149,7 +149,7 @@ def check_features(name: str, features, image_key: str, label_key: str | None) -
     default :data:`DEFAULT_LABEL_KEY` is read when the dataset has it (unlabelled datasets need no
     setting); any other name must exist (a misspelt key is an error, not silently zero labels).
     When the features are unknown (no ``dataset_info``), the keys are trusted."""
-    keys = list(features.keys()) if features is not None else None
+    keys = sorted(features.keys()) if features is not None else None  # sorted: a stable message
     if keys is not None and image_key not in keys:
         raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {keys}")
     if not label_key:
@@ -201,11 +201,10 @@ class TfdsSource:
         self._source = open_data_source(name, split=split, data_dir=data_dir)
         self._len = len(self._source)
         features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        self._has_label = check_features(name, features, image_key, label_key)
-        self.has_labels = self._has_label
+        self.has_labels = check_features(name, features, image_key, label_key)
         # the label feature's class count (tfds ClassLabel), which the trainer checks the model against
         self.num_classes = (getattr(features[label_key], "num_classes", None)
-                            if self._has_label and features is not None else None)
+                            if self.has_labels and features is not None else None)
         check_fixed_image_shape(name, features, image_key)
         self._batched_read = True
 
@@ -240,7 +239,7 @@ class TfdsSource:
         if images.ndim == 3:  # (n, H, W) grayscale without channel axis
             images = images[..., None]
         images = to_unit_range(images).reshape(idx.shape + images.shape[1:])
-        if self._has_label:
+        if self.has_labels:
             labels = np.asarray([np.asarray(r[self.label_key]) for r in records])
             labels = labels.astype(np.int32).reshape(idx.shape)
         else:

@@ -231,7 +231,7 @@ def check_data_labels(config, source) -> None:
         from jaxdiff.data.latents import LatentSource
 
         fix = ("re-encode it from a labelled source (`jaxdiff encode` of an image folder, or of a TFDS dataset "
-               "with a label feature)" if hasattr(source, "scaling_factor")
+               "with a label feature)" if isinstance(source, LatentSource)
                else "name the label feature with --config.data.label_key")
         raise ValueError(f"config.model.num_classes={n} (class-conditional) but the dataset {source!r} has no "
                          f"labels; set --config.model.num_classes=0 for an unconditional model, or {fix}")
